@@ -1,0 +1,122 @@
+"""One self-describing checkpoint file, read safely and written atomically.
+
+Layout (a plain dict, so `torch.load(weights_only=True)` reads it and a crafted file cannot run code):
+    format  "flowers-ddim/1"
+    config  {"image_size", "widths", "embedding_dim", "block_depth"}: rebuilds the network
+    norm    {"mean": [3 floats], "std": [3 floats]}: the data normalization the model was trained in
+    ema     state dict of the EMA weights (what is sampled)
+    train   (best.pt / last.pt only) everything sd_train.py --resume needs
+
+The original repo's files (a bare state dict of its EMA wrapper: "module.*" keys and "n_averaged")
+are read by the same loader and converted on the fly.
+"""
+import os
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from lib import UserError
+from lib.data import FLOWERS_MEAN, FLOWERS_STD
+from lib.unet import build_unet, check_image_size
+
+FORMAT = "flowers-ddim/1"
+ORIGINAL_IMAGE_SIZE = 128  # the original trained and sampled at 128 px only; its files do not say
+
+
+def save_checkpoint(ckpt, path):
+    """Write to a temporary file beside `path`, then rename: a crash never leaves a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def make_checkpoint(config, mean, std, ema_state, train_state=None):
+    ckpt = {"format": FORMAT, "config": dict(config), "norm": {"mean": list(mean), "std": list(std)}, "ema": ema_state}
+    if train_state is not None:
+        ckpt["train"] = train_state
+    return ckpt
+
+
+def _is_original(obj):
+    return isinstance(obj, dict) and "n_averaged" in obj and any(str(k).startswith("module.") for k in obj)
+
+
+def _from_original(state, image_size):
+    """The original's EMA-wrapper state dict -> our layout. Widths, embedding size and depth
+    follow from the tensor shapes; the dead 1x1 adaptation convs are dropped in load_model."""
+    sd = {k[len("module."):]: v for k, v in state.items() if k.startswith("module.")}
+    try:
+        levels = sorted({int(m.group(1)) for k in sd if (m := re.match(r"down_blocks\.(\d+)\.", k))})
+        widths = [sd[f"down_blocks.{i}.residual_blocks.0.block.0.weight"].shape[0] for i in levels]
+        widths.append(sd["bottleneck.0.block.0.weight"].shape[0])
+        in_width = sd["in_conv.weight"].shape[0]
+        embedding_dim = sd["down_blocks.0.residual_blocks.0.channel_adaptation.weight"].shape[1] - in_width
+        block_depth = len({k.split(".")[3] for k in sd if k.startswith("down_blocks.0.residual_blocks.")})
+    except (KeyError, IndexError, AttributeError) as e:
+        raise UserError(f"looks like the original repo's checkpoint but lacks {e}") from None
+    config = {"image_size": image_size or ORIGINAL_IMAGE_SIZE, "widths": widths,
+              "embedding_dim": embedding_dim, "block_depth": block_depth}
+    return make_checkpoint(config, FLOWERS_MEAN, FLOWERS_STD, sd)
+
+
+def read_checkpoint(path, image_size=None):
+    """Load a checkpoint of ours or of the original repo -> our layout (a dict, tensors on CPU).
+
+    image_size overrides the stored image size (the original's files store none).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} holds objects other than tensors and plain values; refusing to load it "
+                        "(weights_only=True: a checkpoint must not be able to run code)") from None
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if _is_original(obj):
+        return _from_original(obj, image_size)
+    if not (isinstance(obj, dict) and obj.get("format") == FORMAT):
+        raise UserError(f"{path} is not a checkpoint of this repo (format {FORMAT}) nor of the original repo")
+    if image_size is not None:
+        obj["config"]["image_size"] = image_size
+    return obj
+
+
+def load_weights(model, state, path):
+    """load_state_dict with a one-line error when the weights do not fit the network."""
+    # The original allocates 1x1 adaptation convs in blocks whose widths match and never runs them.
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if k in own or "channel_adaptation" not in k}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+        detail = "; ".join(f"{name}: {keys[0]}{' and %d more' % (len(keys) - 1) if len(keys) > 1 else ''}"
+                           for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys)
+        raise UserError(f"the weights in {path} do not fit the network its config describes ({detail or e})") from None
+
+
+def load_model(path, device="cpu", image_size=None):
+    """-> (network with the EMA weights, in eval mode on `device`, the checkpoint dict)."""
+    ckpt = read_checkpoint(path, image_size)
+    cfg = ckpt["config"]
+    try:
+        check_image_size(cfg["image_size"], len(cfg["widths"]) - 1)
+        model = build_unet(cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path} has an unusable config {cfg} ({e})") from None
+    load_weights(model, ckpt["ema"], path)
+    return model.to(device).eval(), ckpt

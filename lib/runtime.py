@@ -1,0 +1,68 @@
+"""Device, precision and thread choices shared by the scripts, so they run unchanged on CPU or GPU."""
+import contextlib
+import os
+
+import torch
+
+from lib import UserError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def pick_device(name="auto"):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU (try --device cpu)")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {name!r}; choose auto, cpu or cuda")
+    return torch.device(name)
+
+
+def cpu_has_native_bf16():
+    """True where the CPU computes bf16 in hardware (AVX512-BF16 or AMX). Elsewhere bf16 autocast
+    is emulated and slower than fp32, so it must not be the default."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:  # not Linux: no cheap reliable test, stay with fp32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_precision(name, device):
+    """-> 'fp32' | 'bf16' | 'fp16'. auto: bf16 on GPUs that support it (no loss scaling needed),
+    fp16 on older GPUs, bf16 on CPUs with native bf16, fp32 on other CPUs."""
+    if name not in PRECISIONS:
+        raise UserError(f"unknown precision {name!r}; choose from {', '.join(PRECISIONS)}")
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def autocast(device, precision):
+    """Mixed-precision context: weights stay fp32, matmuls/convs run in the low precision."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def set_threads():
+    """Use the cores this process may run on (cgroup/affinity aware), not the host's count."""
+    if hasattr(os, "sched_getaffinity"):
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+
+
+def setup(device_name="auto", precision_name="auto"):
+    """Resolve device and precision and apply the per-process speed settings."""
+    device = pick_device(device_name)
+    precision = pick_precision(precision_name, device)
+    set_threads()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device, precision

@@ -1,0 +1,272 @@
+"""Train the diffusion model on Flowers102 or a folder of your own pictures.
+
+    python sd_train.py                                   # the original: sd128, 500 epochs (needs a GPU)
+    python sd_train.py --preset flowers64 --data-root ../shared/data --flip
+    python sd_train.py --resume output_sd/last.pt        # continue an interrupted run
+
+Every epoch writes last.pt (and best.pt on a new best loss), a CSV row and the loss curve; every
+--sample-every epochs an 8-image grid. Ctrl-C / SIGTERM finish the current step, write last.pt
+and exit; --resume continues exactly where it stopped.
+"""
+import argparse
+import copy
+import csv
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from lib import UserError
+from lib.checkpoint import make_checkpoint, read_checkpoint, save_checkpoint
+from lib.data import FLOWERS_MEAN, FLOWERS_STD, compute_stats, epoch_order, load_images, to_model_space
+from lib.diffusion import training_loss
+from lib.runtime import PRECISIONS, autocast, setup
+from lib.sample import generate, initial_noise
+from lib.unet import PRESETS, build_unet, count_parameters, model_config
+
+CSV_FIELDS = ["epoch", "loss", "lr", "seconds", "images_per_s"]
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="sd128", choices=sorted(PRESETS), help="network and image size (lib/unet.py)")
+    p.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
+    # data
+    p.add_argument("--data-root", default="data", help="folder that holds flowers-102/")
+    p.add_argument("--download", action="store_true", help="let torchvision download Flowers102 into --data-root")
+    p.add_argument("--image-dir", default=None, help="train on the images in this folder (recursively) instead")
+    p.add_argument("--limit", type=int, default=None, help="use a fixed subset of N images")
+    p.add_argument("--flip", action="store_true", help="random horizontal flips")
+    p.add_argument("--num-workers", type=int, default=4, help="processes that decode the images (once)")
+    # optimisation: the original's recipe
+    p.add_argument("--epochs", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--lr-patience", type=int, default=20, help="ReduceLROnPlateau: epochs without improvement")
+    p.add_argument("--lr-factor", type=float, default=0.5, help="ReduceLROnPlateau: LR multiplier")
+    p.add_argument("--min-lr", type=float, default=1e-6)
+    p.add_argument("--early-stop", type=int, default=100, help="stop after this many epochs without a new best loss")
+    # outputs
+    p.add_argument("--out-dir", default="output_sd")
+    p.add_argument("--sample-every", type=int, default=10, help="write a sample grid every N epochs (and at 1 and the last)")
+    p.add_argument("--num-samples", type=int, default=8)
+    p.add_argument("--sample-steps", type=int, default=20)
+    # runtime
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto: bf16 on GPUs and on CPUs with native bf16 (AMX/AVX512-BF16), else fp16 (old GPUs) / fp32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", default=None, help="last.pt (or best.pt) of a run: continue it; flags given now override")
+    p.add_argument("--dry-run", action="store_true", help="print the configuration and parameter count, then exit")
+    return p
+
+
+def resolve_args(argv):
+    """Parse flags. With --resume, the run's saved flags are the base and explicit flags override."""
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if not args.resume:
+        return args, None
+    ckpt = read_checkpoint(args.resume)
+    if "train" not in ckpt:
+        raise UserError(f"{args.resume} holds weights only, no training state to resume (use last.pt or best.pt)")
+    for action in parser._actions:  # parse again without defaults: what did the user type?
+        action.default = argparse.SUPPRESS
+    explicit = vars(parser.parse_args(argv))
+    for fixed in ("preset", "image_size"):
+        if fixed in explicit and explicit[fixed] != ckpt["train"]["args"][fixed]:
+            raise UserError(f"--{fixed.replace('_', '-')} cannot change on --resume (the run used "
+                            f"{ckpt['train']['args'][fixed]})")
+    merged = {**vars(args), **ckpt["train"]["args"], **explicit}
+    return argparse.Namespace(**merged), ckpt
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    """EMA of the weights; BatchNorm statistics are copied, not averaged (as the original does)."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+class StopRequest:
+    """First Ctrl-C / SIGTERM: finish the step, save, exit. A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write(f"{signal.Signals(signum).name}: stopping after this step, saving last.pt")
+
+
+def write_log(out_dir, rows):
+    """Rewrite the CSV log and the loss curve from all epochs so far."""
+    with open(out_dir / "training_log.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["epoch"] for r in rows], [r["loss"] for r in rows])
+    ax.set(xlabel="epoch", ylabel="L1 loss on the noise (epoch mean)", title="Training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss_curve.png", dpi=100)
+    plt.close(fig)
+
+
+def train(args, resumed):
+    device, precision = setup(args.device, args.precision)
+    try:
+        cfg = model_config(args.preset, args.image_size)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    torch.manual_seed(args.seed)
+    model = build_unet(cfg)
+    if args.dry_run:
+        for k, v in sorted(vars(args).items()):
+            print(f"{k}: {v}")
+        print(f"device: {device}\nprecision: {precision}\nmodel: {cfg}")
+        print(f"parameters: {count_parameters(model)}")
+        return
+    for name in ("epochs", "batch_size", "sample_every", "num_samples", "sample_steps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+
+    print(f"loading images ({'--image-dir ' + args.image_dir if args.image_dir else 'Flowers102 from ' + args.data_root})")
+    images = load_images(cfg["image_size"], args.data_root, args.image_dir, args.download, args.limit, args.num_workers)
+    if resumed:
+        mean, std = resumed["norm"]["mean"], resumed["norm"]["std"]
+    elif args.image_dir:
+        mean, std = compute_stats(images)
+    else:
+        mean, std = FLOWERS_MEAN, FLOWERS_STD
+    images = images.to(device)
+    n_images = images.shape[0]
+    steps_per_epoch = math.ceil(n_images / args.batch_size)
+    print(f"{n_images} images of {cfg['image_size']} px, {count_parameters(model):,} parameters, "
+          f"{device} {precision}, {steps_per_epoch} steps per epoch")
+
+    model = model.to(device, memory_format=torch.channels_last)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=args.lr_factor,
+                                                       patience=args.lr_patience, min_lr=args.min_lr)
+    # Loss scaling only matters for fp16 (bf16 has fp32's exponent range).
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    gen = torch.Generator(device).manual_seed(args.seed)  # times, noise and flips
+    state = dict(epoch=0, step_in_epoch=0, epoch_loss_sum=0.0, epoch_seconds=0.0, global_step=0,
+                 best_loss=math.inf, bad_epochs=0, log=[])
+    if resumed:
+        t = resumed["train"]
+        model.load_state_dict(t["model"])
+        ema.load_state_dict(resumed["ema"])
+        opt.load_state_dict(t["optimizer"])
+        sched.load_state_dict(t["scheduler"])
+        scaler.load_state_dict(t["scaler"])
+        if args.lr != t["args"]["lr"]:  # an explicit --lr on resume restarts the schedule there
+            for group in opt.param_groups:
+                group["lr"] = args.lr
+        torch.set_rng_state(t["rng"]["torch"])
+        gen.set_state(t["rng"]["device"])
+        state.update({k: t[k] for k in state})
+        print(f"resumed {args.resume}: epoch {state['epoch'] + 1}, step {state['step_in_epoch']}")
+
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sample_noise = initial_noise(args.num_samples, cfg["image_size"], args.seed)
+
+    def checkpoint(name):
+        train_state = dict(state, args=vars(args), model=model.state_dict(), optimizer=opt.state_dict(),
+                           scheduler=sched.state_dict(), scaler=scaler.state_dict(),
+                           rng={"torch": torch.get_rng_state(), "device": gen.get_state()})
+        save_checkpoint(make_checkpoint(cfg, mean, std, ema.state_dict(), train_state), out_dir / name)
+
+    stop = StopRequest()
+    while state["epoch"] < args.epochs:
+        epoch = state["epoch"] + 1  # 1-based for people
+        batches = epoch_order(n_images, state["epoch"], args.seed).to(device).split(args.batch_size)
+        model.train()
+        loss_sum = torch.tensor(state["epoch_loss_sum"], device=device)
+        bar = tqdm(range(state["step_in_epoch"], len(batches)), initial=state["step_in_epoch"], total=len(batches),
+                   desc=f"epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        for i in bar:
+            x0 = to_model_space(images[batches[i]], mean, std, gen if args.flip else None)
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+            with autocast(device, precision):
+                loss = training_loss(model, x0, gen)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            # Like AveragedModel, the first update copies the weights; later ones average.
+            ema_update(ema, model, args.ema_decay if state["global_step"] else 0.0)
+            loss_sum += loss.detach()
+            state["global_step"] += 1
+            state["step_in_epoch"] = i + 1
+            if i % 10 == 0:
+                bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.4f}")
+            if stop.requested:
+                break
+        state["epoch_seconds"] += time.perf_counter() - t0
+        state["epoch_loss_sum"] = loss_sum.item()
+        bar.close()
+        if stop.requested and state["step_in_epoch"] < len(batches):
+            checkpoint("last.pt")
+            print(f"stopped in epoch {epoch} at step {state['step_in_epoch']}; resume with --resume {out_dir / 'last.pt'}")
+            return
+
+        loss = state["epoch_loss_sum"] / len(batches)
+        seconds = state["epoch_seconds"]
+        sched.step(loss)
+        improved = loss < state["best_loss"]
+        state["best_loss"], state["bad_epochs"] = (loss, 0) if improved else (state["best_loss"], state["bad_epochs"] + 1)
+        state["log"].append(dict(epoch=epoch, loss=round(loss, 6), lr=opt.param_groups[0]["lr"], seconds=round(seconds, 2),
+                                 images_per_s=round(n_images / seconds, 2)))
+        state.update(epoch=epoch, step_in_epoch=0, epoch_loss_sum=0.0, epoch_seconds=0.0)
+        print(f"epoch {epoch}/{args.epochs}  loss {loss:.4f}  lr {opt.param_groups[0]['lr']:.2e}  "
+              f"{seconds:.1f}s  {n_images / seconds:.1f} img/s{'  *best*' if improved else ''}")
+        write_log(out_dir, state["log"])
+        done = epoch == args.epochs or state["bad_epochs"] >= args.early_stop or stop.requested
+        if epoch == 1 or epoch % args.sample_every == 0 or done:
+            grid = generate(ema, sample_noise, mean, std, steps=args.sample_steps, seed=args.seed, precision=precision)
+            save_image(grid, out_dir / f"epoch_{epoch}.png", nrow=4)
+        checkpoint("last.pt")
+        if improved:
+            checkpoint("best.pt")
+        if state["bad_epochs"] >= args.early_stop:
+            print(f"early stop: no new best loss for {args.early_stop} epochs")
+            break
+        if stop.requested:
+            print(f"stopped after epoch {epoch}; resume with --resume {out_dir / 'last.pt'}")
+            return
+    print(f"done: {state['epoch']} epochs, best loss {state['best_loss']:.4f}; checkpoints in {out_dir}")
+
+
+def main(argv=None):
+    try:
+        args, resumed = resolve_args(argv)
+        train(args, resumed)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
