@@ -101,8 +101,11 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
@@ -129,7 +132,7 @@ def write_log(out_dir, rows):
     plt.close(fig)
 
 
-def train(args, resumed):
+def train(args, resumed, stop):
     device, precision = setup(args.device, args.precision)
     try:
         cfg = model_config(args.preset, args.image_size)
@@ -196,7 +199,6 @@ def train(args, resumed):
                            rng={"torch": torch.get_rng_state(), "device": gen.get_state()})
         save_checkpoint(make_checkpoint(cfg, mean, std, ema.state_dict(), train_state), out_dir / name)
 
-    stop = StopRequest()
     while state["epoch"] < args.epochs:
         epoch = state["epoch"] + 1  # 1-based for people
         batches = epoch_order(n_images, state["epoch"], args.seed).to(device).split(args.batch_size)
@@ -226,7 +228,8 @@ def train(args, resumed):
         state["epoch_seconds"] += time.perf_counter() - t0
         state["epoch_loss_sum"] = loss_sum.item()
         bar.close()
-        if stop.requested and state["step_in_epoch"] < len(batches):
+        interrupted = stop.requested
+        if interrupted and state["step_in_epoch"] < len(batches):
             checkpoint("last.pt")
             print(f"stopped in epoch {epoch} at step {state['step_in_epoch']}; resume with --resume {out_dir / 'last.pt'}")
             return
@@ -242,7 +245,7 @@ def train(args, resumed):
         print(f"epoch {epoch}/{args.epochs}  loss {loss:.4f}  lr {opt.param_groups[0]['lr']:.2e}  "
               f"{seconds:.1f}s  {n_images / seconds:.1f} img/s{'  *best*' if improved else ''}")
         write_log(out_dir, state["log"])
-        done = epoch == args.epochs or state["bad_epochs"] >= args.early_stop or stop.requested
+        done = epoch == args.epochs or state["bad_epochs"] >= args.early_stop or interrupted
         if epoch == 1 or epoch % args.sample_every == 0 or done:
             grid = generate(ema, sample_noise, mean, std, steps=args.sample_steps, seed=args.seed, precision=precision)
             save_image(grid, out_dir / f"epoch_{epoch}.png", nrow=4)
@@ -252,7 +255,7 @@ def train(args, resumed):
         if state["bad_epochs"] >= args.early_stop:
             print(f"early stop: no new best loss for {args.early_stop} epochs")
             break
-        if stop.requested:
+        if interrupted:
             print(f"stopped after epoch {epoch}; resume with --resume {out_dir / 'last.pt'}")
             return
     print(f"done: {state['epoch']} epochs, best loss {state['best_loss']:.4f}; checkpoints in {out_dir}")
@@ -261,7 +264,11 @@ def train(args, resumed):
 def main(argv=None):
     try:
         args, resumed = resolve_args(argv)
-        train(args, resumed)
+        stop = StopRequest()
+        try:
+            train(args, resumed, stop)
+        finally:
+            stop.restore()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -79,7 +79,11 @@ def read_checkpoint(path, image_size=None):
         raise UserError(f"checkpoint not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        # weights_only names the class or function a pickle wanted to build; anything else is
+        # a file that is not a pickle at all.
+        if "unsupported global" not in str(e).lower():
+            raise UserError(f"{path} is not a readable checkpoint (not a file torch.save wrote)") from None
         raise UserError(f"{path} holds objects other than tensors and plain values; refusing to load it "
                         "(weights_only=True: a checkpoint must not be able to run code)") from None
     except Exception as e:

@@ -67,7 +67,7 @@ def ddim_sample(model, noise, steps=20, eta=0.0, generator=None):
     step_size = 1.0 / steps
     x_t = noise
     for i in range(steps):
-        t = torch.full((b, 1, 1, 1), 1.0 - i * step_size, device=noise.device)
+        t = torch.full((b, 1, 1, 1), 1.0 - i * step_size, device=noise.device, dtype=noise.dtype)
         noise_rate, signal_rate = diffusion_schedule(t)
         eps, x0 = denoise(model, x_t, noise_rate, signal_rate)
         if i == steps - 1:

@@ -1,0 +1,125 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import DATA_ROOT, TINY
+from lib import UserError
+from lib.checkpoint import load_model, make_checkpoint, read_checkpoint, save_checkpoint
+from lib.data import FLOWERS_MEAN, FLOWERS_STD
+from lib.sample import generate, initial_noise
+from lib.unet import ResidualBlock, build_unet, model_config
+
+
+def tiny_checkpoint(path, train_state=None):
+    torch.manual_seed(0)
+    model = build_unet(TINY)
+    save_checkpoint(make_checkpoint(TINY, [0.5] * 3, [0.25] * 3, model.state_dict(), train_state), path)
+    return model
+
+
+def original_layout(model, n_averaged=123):
+    """A state dict as the original repo saves it: torch.save(AveragedModel(unet).state_dict()),
+    with a (never used) 1x1 adaptation conv in every residual block."""
+    sd = {"n_averaged": torch.tensor(n_averaged)}
+    for name, module in model.named_modules():
+        if isinstance(module, ResidualBlock) and module.channel_adaptation is None:
+            w = module.block[0].num_features
+            sd[f"module.{name}.channel_adaptation.weight"] = torch.randn(w, w, 1, 1)
+            sd[f"module.{name}.channel_adaptation.bias"] = torch.randn(w)
+    sd.update({f"module.{k}": v for k, v in model.state_dict().items()})
+    return sd
+
+
+def test_round_trip(tmp_path):
+    model = tiny_checkpoint(tmp_path / "m.pt", train_state={"epoch": 3})
+    loaded, ckpt = load_model(tmp_path / "m.pt")
+    assert ckpt["config"] == TINY and ckpt["norm"] == {"mean": [0.5] * 3, "std": [0.25] * 3}
+    assert ckpt["train"] == {"epoch": 3}
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert not loaded.training  # ready to sample
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "last.pt"
+    tiny_checkpoint(path)
+    before = path.read_bytes()
+    with pytest.raises(Exception):
+        save_checkpoint({"format": "x", "bad": lambda: 0}, path)  # cannot be pickled
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["last.pt"]  # no temporary file left behind
+
+
+def test_crafted_pickle_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    torch.save({"format": "flowers-ddim/1", "ema": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(UserError, match="refusing to load"):
+        read_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_bad_files_give_one_line_errors(tmp_path):
+    with pytest.raises(UserError, match="checkpoint not found"):
+        read_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        read_checkpoint(tmp_path / "text.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="not a checkpoint of this repo"):
+        read_checkpoint(tmp_path / "other.pt")
+
+
+def test_weights_that_do_not_fit_the_config(tmp_path):
+    model = build_unet(TINY)
+    wrong = dict(TINY, widths=[16, 32, 48])
+    save_checkpoint(make_checkpoint(wrong, [0.5] * 3, [0.25] * 3, model.state_dict()), tmp_path / "m.pt")
+    with pytest.raises(UserError, match="do not fit the network.*wrong shape"):
+        load_model(tmp_path / "m.pt")
+    sd = model.state_dict()
+    sd.pop("out_conv.bias")
+    save_checkpoint(make_checkpoint(TINY, [0.5] * 3, [0.25] * 3, sd), tmp_path / "m2.pt")
+    with pytest.raises(UserError, match="missing: out_conv.bias"):
+        load_model(tmp_path / "m2.pt")
+
+
+def test_original_layout_matches_the_published_key_list():
+    keys_file = DATA_ROOT.parent / "original_checkpoint_keys.txt"
+    if not keys_file.is_file():
+        pytest.skip("../shared/original_checkpoint_keys.txt is absent")
+    expected = {}
+    for line in keys_file.read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, dtype, shape = line.split("\t")
+            expected[name] = (dtype, shape.replace(" ", "").rstrip(",)").lstrip("(") or "")
+    sd = original_layout(build_unet(model_config("sd128")))
+    got = {k: (str(v.dtype).removeprefix("torch."), ",".join(map(str, v.shape))) for k, v in sd.items()}
+    assert got == expected
+
+
+@pytest.mark.parametrize("preset", ["sd128", "flowers64"])
+def test_original_checkpoints_load_and_paint_the_same_images(tmp_path, preset):
+    torch.manual_seed(0)
+    cfg = model_config(preset)
+    model = build_unet(cfg).eval()
+    for m in model.modules():  # non-trivial BatchNorm statistics, as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2)
+    torch.save(original_layout(model), tmp_path / "model.pt")
+    loaded, ckpt = load_model(tmp_path / "model.pt", image_size=32 if preset == "sd128" else None)
+    assert ckpt["config"]["widths"] == cfg["widths"]
+    assert ckpt["config"]["embedding_dim"] == cfg["embedding_dim"]
+    assert ckpt["config"]["block_depth"] == cfg["block_depth"]
+    assert ckpt["norm"] == {"mean": list(FLOWERS_MEAN), "std": list(FLOWERS_STD)}
+    size = ckpt["config"]["image_size"]
+    assert size == (32 if preset == "sd128" else 128)  # the original always used 128; --image-size overrides
+    noise = initial_noise(2, 32, seed=1)
+    a = generate(loaded, noise, FLOWERS_MEAN, FLOWERS_STD, steps=3)
+    b = generate(model, noise, FLOWERS_MEAN, FLOWERS_STD, steps=3)
+    torch.testing.assert_close(a, b)

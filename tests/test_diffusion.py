@@ -1,0 +1,90 @@
+import math
+
+import pytest
+import torch
+
+from lib.diffusion import MAX_SIGNAL_RATE, MIN_SIGNAL_RATE, ddim_sample, denoise, diffusion_schedule, training_loss
+
+
+def test_schedule_end_points_and_unit_norm():
+    t = torch.linspace(0, 1, 101, dtype=torch.float64)
+    noise_rate, signal_rate = diffusion_schedule(t)
+    assert signal_rate[0].item() == pytest.approx(0.95, abs=1e-12)
+    assert signal_rate[-1].item() == pytest.approx(0.02, abs=1e-12)
+    torch.testing.assert_close(signal_rate**2 + noise_rate**2, torch.ones_like(t))
+    assert (signal_rate.diff() < 0).all()  # monotone: more noise as t grows
+    # the angle, not the rate, is linear in t
+    angle = torch.atan2(noise_rate, signal_rate)
+    torch.testing.assert_close(angle.diff(), torch.full((100,), (math.acos(0.02) - math.acos(0.95)) / 100, dtype=torch.float64))
+    assert (MAX_SIGNAL_RATE, MIN_SIGNAL_RATE) == (0.95, 0.02)
+
+
+def oracle_for(x0):
+    """A perfect noise predictor for a known clean batch: eps = (x_t - s x0) / n."""
+    def model(x_t, noise_var):
+        n = noise_var.sqrt().view(-1, 1, 1, 1)
+        s = (1 - noise_var).sqrt().view(-1, 1, 1, 1)
+        return (x_t - s * x0) / n
+    return model
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("steps", [1, 20])
+def test_ddim_with_an_oracle_recovers_the_clean_image(eta, steps):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
+    noise = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64)
+    out = ddim_sample(oracle_for(x0), noise, steps=steps, eta=eta, generator=g)
+    torch.testing.assert_close(out, x0)
+
+
+def test_ddim_eta0_is_deterministic_and_eta1_is_not():
+    model = lambda x, v: 0.5 * x  # any smooth predictor
+    noise = torch.randn(2, 3, 4, 4)
+    a = ddim_sample(model, noise, eta=0.0, generator=torch.Generator().manual_seed(1))
+    b = ddim_sample(model, noise, eta=0.0, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(a, b)
+    c = ddim_sample(model, noise, eta=1.0, generator=torch.Generator().manual_seed(1))
+    d = ddim_sample(model, noise, eta=1.0, generator=torch.Generator().manual_seed(2))
+    assert not torch.allclose(c, d)
+
+
+def test_ddim_eta0_step_matches_the_original_loop():
+    """One hand-written step of the original's loop (t=1 -> 1/2, then return x0_hat at t=1/2)."""
+    model = lambda x, v: torch.tanh(x) * v.view(-1, 1, 1, 1)
+    x1 = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    n1, s1 = diffusion_schedule(torch.tensor(1.0, dtype=torch.float64))
+    n2, s2 = diffusion_schedule(torch.tensor(0.5, dtype=torch.float64))
+    eps = model(x1, (n1**2).expand(2))
+    x_half = s2 * (x1 - n1 * eps) / s1 + n2 * eps
+    expected = (x_half - n2 * model(x_half, (n2**2).expand(2))) / s2
+    torch.testing.assert_close(ddim_sample(model, x1, steps=2), expected)
+
+
+def test_denoise_inverts_the_forward_process():
+    x0, eps = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4)
+    noise_rate, signal_rate = diffusion_schedule(torch.rand(3, 1, 1, 1))
+    x_t = signal_rate * x0 + noise_rate * eps
+    eps_hat, x0_hat = denoise(lambda x, v: eps, x_t, noise_rate, signal_rate)
+    torch.testing.assert_close(x0_hat, x0, rtol=1e-4, atol=1e-4)
+
+
+def test_training_loss_is_l1_on_the_noise():
+    x0 = torch.randn(5, 3, 4, 4)
+    zero = lambda x, v: torch.zeros_like(x)
+    g = torch.Generator().manual_seed(0)
+    loss = training_loss(zero, x0, generator=g)
+    g = torch.Generator().manual_seed(0)
+    torch.rand(5, 1, 1, 1, generator=g)  # same draws as inside: times first, then the noise
+    eps = torch.randn(x0.shape, generator=g)
+    torch.testing.assert_close(loss, eps.abs().mean())
+    assert oracle_loss_is_zero(x0)
+
+
+def oracle_loss_is_zero(x0):
+    return training_loss(oracle_for(x0), x0).item() < 1e-4
+
+
+def test_steps_must_be_positive():
+    with pytest.raises(ValueError):
+        ddim_sample(lambda x, v: x, torch.zeros(1, 3, 4, 4), steps=0)

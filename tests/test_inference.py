@@ -1,0 +1,63 @@
+import pytest
+import torch
+from PIL import Image
+
+import sd_inference
+from test_checkpoint import original_layout, tiny_checkpoint
+from lib.unet import build_unet, model_config
+
+
+def test_writes_the_figure_and_one_png_per_image(tmp_path, capsys):
+    tiny_checkpoint(tmp_path / "m.pt")
+    out, save_dir = tmp_path / "fig.png", tmp_path / "imgs"
+    assert sd_inference.main(["--checkpoint", str(tmp_path / "m.pt"), "--steps", "2", "--out", str(out),
+                              "--save-dir", str(save_dir), "--no-show"]) == 0
+    assert Image.open(out).size == (1000, 540)  # 2x4 panels of 2.5 in at 100 dpi, plus the title
+    files = sorted(save_dir.glob("*.png"))
+    assert len(files) == 8
+    assert all(Image.open(f).size == (32, 32) for f in files)  # the checkpoint's image size
+
+
+def test_same_seed_same_images_other_seed_other_images(tmp_path):
+    tiny_checkpoint(tmp_path / "m.pt")
+
+    def sample(seed, name):
+        d = tmp_path / name
+        sd_inference.main(["--checkpoint", str(tmp_path / "m.pt"), "--steps", "2", "--num-images", "3",
+                           "--seed", str(seed), "--out", str(tmp_path / f"{name}.png"), "--save-dir", str(d)])
+        return [Image.open(f).tobytes() for f in sorted(d.glob("*.png"))]
+    assert sample(1, "a") == sample(1, "b")
+    assert sample(1, "a") != sample(2, "c")
+
+
+def test_loads_an_original_checkpoint(tmp_path):
+    model = build_unet(model_config("flowers64"))
+    torch.save(original_layout(model), tmp_path / "model.pt")
+    assert sd_inference.main(["--checkpoint", str(tmp_path / "model.pt"), "--image-size", "16", "--steps", "1",
+                              "--num-images", "2", "--out", str(tmp_path / "f.png"), "--save-dir", str(tmp_path / "i")]) == 0
+    assert Image.open(next((tmp_path / "i").glob("*.png"))).size == (16, 16)
+
+
+def test_missing_default_model_says_how_to_train_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sd_inference, "DEFAULT_CHECKPOINT", tmp_path / "models" / "flowers64.pt")
+    assert sd_inference.main(["--out", str(tmp_path / "f.png")]) == 2
+    err = capsys.readouterr().err
+    assert "not there yet" in err and "sd_train.py --preset flowers64" in err
+    assert not (tmp_path / "f.png").exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--checkpoint", "CKPT", "--num-images", "0"], "--num-images must be >= 1"),
+    (["--checkpoint", "CKPT", "--eta", "2"], "--eta must be in [0, 1]"),
+    (["--checkpoint", "CKPT", "--image-size", "30"], "multiple of 4"),
+    (["--checkpoint", "MISSING"], "checkpoint not found"),
+    (["--checkpoint", "TEXT"], "not a readable checkpoint"),
+])
+def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    tiny_checkpoint(tmp_path / "m.pt")
+    (tmp_path / "t.pt").write_text("not a checkpoint")
+    subst = {"CKPT": str(tmp_path / "m.pt"), "MISSING": str(tmp_path / "nope.pt"), "TEXT": str(tmp_path / "t.pt")}
+    argv = [subst.get(a, a) for a in argv] + ["--out", str(tmp_path / "f.png")]
+    assert sd_inference.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err, err

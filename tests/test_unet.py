@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from lib.unet import PRESETS, UNet, build_unet, count_parameters, model_config, sinusoidal_embedding
+
+
+@pytest.mark.parametrize("preset,params", [("sd128", 65_289_475), ("flowers64", 1_713_059)])
+def test_exact_parameter_counts(preset, params):
+    assert count_parameters(build_unet(model_config(preset))) == params
+
+
+@pytest.mark.parametrize("preset,batch", [("sd128", 1), ("flowers64", 3)])
+def test_output_shape_matches_input(preset, batch):
+    cfg = model_config(preset)
+    s = cfg["image_size"]
+    model = build_unet(cfg).eval()
+    with torch.no_grad():
+        out = model(torch.randn(batch, 3, s, s), torch.rand(batch))
+    assert out.shape == (batch, 3, s, s)
+    assert torch.isfinite(out).all()
+
+
+def test_any_multiple_of_the_level_count_works():
+    model = build_unet(model_config("flowers64", image_size=40)).eval()  # 40 = 5 * 2^3
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 40, 40), torch.rand(2)).shape == (2, 3, 40, 40)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        model_config("flowers64", image_size=36)
+    with pytest.raises(ValueError, match="unknown preset"):
+        model_config("nope")
+
+
+def test_embedding_formula():
+    v = torch.tensor([0.0, 0.25, 1.0])
+    e = sinusoidal_embedding(v, 8)
+    freqs = torch.tensor([1.0, 10.0, 100.0, 1000.0])  # log-spaced 1..1000, dim/2 of them
+    angles = 2 * torch.pi * freqs * v[:, None]
+    # fp32 angles up to 2*pi*1000: absolute error ~1e-4 rad
+    torch.testing.assert_close(e, torch.cat([angles.sin(), angles.cos()], 1), rtol=0, atol=1e-3)
+
+
+def test_no_dead_adaptation_convs():
+    model = build_unet(model_config("flowers64"))
+    for block in model.modules():
+        if hasattr(block, "channel_adaptation") and block.channel_adaptation is not None:
+            assert block.channel_adaptation.in_channels != block.channel_adaptation.out_channels
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_fused_embedding_equals_literal_formulation(preset):
+    """The folded in_conv + per-image embedding bias equals upsample + concat + 1x1 conv,
+    in the forward pass and in every gradient, in train mode (BatchNorm batch statistics)."""
+    torch.manual_seed(0)
+    cfg = model_config(preset, image_size=32 if preset == "sd128" else 64)
+    s = cfg["image_size"]
+    fused = build_unet(cfg)
+    literal = build_unet(cfg, literal=True)
+    literal.load_state_dict(fused.state_dict())
+    x, v = torch.randn(2, 3, s, s, dtype=torch.float64), torch.rand(2, dtype=torch.float64)
+    fused.double(), literal.double()
+    out_f, out_l = fused(x, v), literal(x, v)
+    torch.testing.assert_close(out_f, out_l, rtol=1e-9, atol=1e-9)
+    out_f.square().sum().backward()
+    out_l.square().sum().backward()
+    for (name, pf), pl in zip(fused.named_parameters(), literal.parameters()):
+        torch.testing.assert_close(pf.grad, pl.grad, rtol=1e-7, atol=1e-9, msg=name)
+
+
+def test_network_never_sees_the_schedule():
+    # The network's only conditioning is the noise variance it is given: same inputs, same output.
+    model = UNet((8, 16), 8, 1).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        a, b = model(x, torch.tensor([0.1, 0.9])), model(x, torch.tensor([0.1, 0.5]))
+    torch.testing.assert_close(a[0], b[0])
+    assert not torch.allclose(a[1], b[1])
