@@ -134,8 +134,8 @@ def write_log(out_dir, rows):
 
 def train(args, resumed, stop):
     device, precision = setup(args.device, args.precision)
-    try:
-        cfg = model_config(args.preset, args.image_size)
+    try:  # a resumed run keeps the network its checkpoint describes
+        cfg = resumed["config"] if resumed else model_config(args.preset, args.image_size)
     except ValueError as e:
         raise UserError(str(e)) from None
     torch.manual_seed(args.seed)
