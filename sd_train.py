@@ -22,8 +22,9 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from lib import UserError
-from lib.checkpoint import make_checkpoint, read_checkpoint, save_checkpoint
-from lib.data import FLOWERS_MEAN, FLOWERS_STD, compute_stats, epoch_order, load_images, to_model_space
+from lib.checkpoint import atomic_save, make_checkpoint, read_checkpoint
+from lib.data import (FLOWERS_MEAN, FLOWERS_STD, DecodedBatches, JpegBatches, compute_stats, epoch_order, load_images,
+                      to_model_space)
 from lib.diffusion import training_loss
 from lib.runtime import PRECISIONS, autocast, setup
 from lib.sample import generate, initial_noise
@@ -43,7 +44,8 @@ def get_parser():
     p.add_argument("--image-dir", default=None, help="train on the images in this folder (recursively) instead")
     p.add_argument("--limit", type=int, default=None, help="use a fixed subset of N images")
     p.add_argument("--flip", action="store_true", help="random horizontal flips")
-    p.add_argument("--num-workers", type=int, default=4, help="processes that decode the images (once)")
+    p.add_argument("--num-workers", type=int, default=4, help="processes that decode the images")
+    p.add_argument("--cache-dir", default=None, help="keep the decoded images in a file here for later runs")
     # optimisation: the original's recipe
     p.add_argument("--epochs", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=64)
@@ -62,6 +64,10 @@ def get_parser():
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bf16 on GPUs and on CPUs with native bf16 (AMX/AVX512-BF16), else fp16 (old GPUs) / fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (pays off on GPUs, not on CPUs)")
+    p.add_argument("--literal", action="store_true",
+                   help="the original's slow path, to measure against: JPEGs decoded every epoch by --num-workers "
+                        "processes, NCHW layout, the literal network formulation, autocast + GradScaler as the original")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", default=None, help="last.pt (or best.pt) of a run: continue it; flags given now override")
     p.add_argument("--dry-run", action="store_true", help="print the configuration and parameter count, then exit")
@@ -94,6 +100,36 @@ def ema_update(ema, model, decay):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)
+
+
+class Training:
+    """What one optimisation step touches (network, EMA copy, Adam, grad scaler) and the step.
+
+    Fast path: channels_last tensors (the layout oneDNN and cuDNN convolutions prefer), the fused
+    network formulation, no-op loss scaling switched off, fused Adam on CUDA, optional
+    torch.compile. literal=True is the original's: NCHW, literal network, a GradScaler always.
+    """
+
+    def __init__(self, cfg, device, precision, lr, literal=False, compile=False):
+        self.device, self.precision = device, precision
+        self.memory_format = torch.contiguous_format if literal else torch.channels_last
+        self.model = build_unet(cfg, literal=literal).to(device, memory_format=self.memory_format)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=lr, fused=device.type == "cuda" and not literal)
+        # Loss scaling only matters for fp16 (bf16 has fp32's exponent range); the original always scales.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=literal or precision == "fp16")
+        self.step_model = torch.compile(self.model) if compile else self.model
+
+    def step(self, x0, generator, ema_decay):
+        """One Adam step on the noise-prediction loss of x0 (B, 3, S, S) -> the loss (detached)."""
+        with autocast(self.device, self.precision):
+            loss = training_loss(self.step_model, x0.contiguous(memory_format=self.memory_format), generator)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        ema_update(self.ema, self.model, ema_decay)
+        return loss.detach()
 
 
 class StopRequest:
@@ -134,43 +170,47 @@ def write_log(out_dir, rows):
 
 def train(args, resumed, stop):
     device, precision = setup(args.device, args.precision)
+    if args.literal and args.precision == "auto":  # the original: autocast's default dtype everywhere
+        precision = "fp16" if device.type == "cuda" else "bf16"
     try:  # a resumed run keeps the network its checkpoint describes
         cfg = resumed["config"] if resumed else model_config(args.preset, args.image_size)
     except ValueError as e:
         raise UserError(str(e)) from None
     torch.manual_seed(args.seed)
-    model = build_unet(cfg)
     if args.dry_run:
         for k, v in sorted(vars(args).items()):
             print(f"{k}: {v}")
         print(f"device: {device}\nprecision: {precision}\nmodel: {cfg}")
-        print(f"parameters: {count_parameters(model)}")
+        print(f"parameters: {count_parameters(build_unet(cfg))}")
         return
     for name in ("epochs", "batch_size", "sample_every", "num_samples", "sample_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    run = Training(cfg, device, precision, args.lr, literal=args.literal, compile=args.compile)
+    model, ema, opt, scaler = run.model, run.ema, run.opt, run.scaler
 
     print(f"loading images ({'--image-dir ' + args.image_dir if args.image_dir else 'Flowers102 from ' + args.data_root})")
-    images = load_images(cfg["image_size"], args.data_root, args.image_dir, args.download, args.limit, args.num_workers)
+    if args.literal:
+        data = JpegBatches(cfg["image_size"], device, args.num_workers, data_root=args.data_root,
+                           image_dir=args.image_dir, download=args.download, limit=args.limit)
+    else:
+        data = DecodedBatches(load_images(cfg["image_size"], args.data_root, args.image_dir, args.download, args.limit,
+                                          args.num_workers, args.cache_dir), device)
     if resumed:
         mean, std = resumed["norm"]["mean"], resumed["norm"]["std"]
     elif args.image_dir:
-        mean, std = compute_stats(images)
+        images = data.images if not args.literal else load_images(
+            cfg["image_size"], image_dir=args.image_dir, limit=args.limit, num_workers=args.num_workers)
+        mean, std = compute_stats(images.cpu())
     else:
         mean, std = FLOWERS_MEAN, FLOWERS_STD
-    images = images.to(device)
-    n_images = images.shape[0]
+    n_images = len(data)
     steps_per_epoch = math.ceil(n_images / args.batch_size)
     print(f"{n_images} images of {cfg['image_size']} px, {count_parameters(model):,} parameters, "
-          f"{device} {precision}, {steps_per_epoch} steps per epoch")
+          f"{device} {precision}{' literal path' if args.literal else ''}, {steps_per_epoch} steps per epoch")
 
-    model = model.to(device, memory_format=torch.channels_last)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=args.lr_factor,
                                                        patience=args.lr_patience, min_lr=args.min_lr)
-    # Loss scaling only matters for fp16 (bf16 has fp32's exponent range).
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     gen = torch.Generator(device).manual_seed(args.seed)  # times, noise and flips
     state = dict(epoch=0, step_in_epoch=0, epoch_loss_sum=0.0, epoch_seconds=0.0, global_step=0,
                  best_loss=math.inf, bad_epochs=0, log=[])
@@ -197,28 +237,21 @@ def train(args, resumed, stop):
         train_state = dict(state, args=vars(args), model=model.state_dict(), optimizer=opt.state_dict(),
                            scheduler=sched.state_dict(), scaler=scaler.state_dict(),
                            rng={"torch": torch.get_rng_state(), "device": gen.get_state()})
-        save_checkpoint(make_checkpoint(cfg, mean, std, ema.state_dict(), train_state), out_dir / name)
+        atomic_save(make_checkpoint(cfg, mean, std, ema.state_dict(), train_state), out_dir / name)
 
     while state["epoch"] < args.epochs:
         epoch = state["epoch"] + 1  # 1-based for people
-        batches = epoch_order(n_images, state["epoch"], args.seed).to(device).split(args.batch_size)
+        order = epoch_order(n_images, state["epoch"], args.seed).split(args.batch_size)
         model.train()
         loss_sum = torch.tensor(state["epoch_loss_sum"], device=device)
-        bar = tqdm(range(state["step_in_epoch"], len(batches)), initial=state["step_in_epoch"], total=len(batches),
+        first = state["step_in_epoch"]
+        bar = tqdm(data.batches(order[first:]), initial=first, total=len(order),
                    desc=f"epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True)
         t0 = time.perf_counter()
-        for i in bar:
-            x0 = to_model_space(images[batches[i]], mean, std, gen if args.flip else None)
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-            with autocast(device, precision):
-                loss = training_loss(model, x0, gen)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+        for i, images in enumerate(bar, start=first):
+            x0 = to_model_space(images, mean, std, gen if args.flip else None)
             # Like AveragedModel, the first update copies the weights; later ones average.
-            ema_update(ema, model, args.ema_decay if state["global_step"] else 0.0)
-            loss_sum += loss.detach()
+            loss_sum += run.step(x0, gen, args.ema_decay if state["global_step"] else 0.0)
             state["global_step"] += 1
             state["step_in_epoch"] = i + 1
             if i % 10 == 0:
@@ -229,12 +262,12 @@ def train(args, resumed, stop):
         state["epoch_loss_sum"] = loss_sum.item()
         bar.close()
         interrupted = stop.requested
-        if interrupted and state["step_in_epoch"] < len(batches):
+        if interrupted and state["step_in_epoch"] < len(order):
             checkpoint("last.pt")
             print(f"stopped in epoch {epoch} at step {state['step_in_epoch']}; resume with --resume {out_dir / 'last.pt'}")
             return
 
-        loss = state["epoch_loss_sum"] / len(batches)
+        loss = state["epoch_loss_sum"] / len(order)
         seconds = state["epoch_seconds"]
         sched.step(loss)
         improved = loss < state["best_loss"]

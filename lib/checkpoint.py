@@ -25,14 +25,14 @@ FORMAT = "flowers-ddim/1"
 ORIGINAL_IMAGE_SIZE = 128  # the original trained and sampled at 128 px only; its files do not say
 
 
-def save_checkpoint(ckpt, path):
+def atomic_save(obj, path):
     """Write to a temporary file beside `path`, then rename: a crash never leaves a torn file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

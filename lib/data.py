@@ -5,6 +5,7 @@ step, so images are decoded, resized and center-cropped once and held as one (N,
 tensor (100 MB for all of Flowers102 at 64 px). Batches are drawn by index; flips and the
 normalization run on tensors, on whatever device trains.
 """
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -76,28 +77,95 @@ def fixed_subset(dataset, limit, seed=0):
     return Subset(dataset, sorted(idx.tolist()))
 
 
+def _readable(items):
+    """collate_fn: keep the decoded images of a batch, warn about the unreadable ones."""
+    for img, origin in items:
+        if img is None:
+            print(f"warning: skipping unreadable image: {origin}", file=sys.stderr)
+    return [img for img, _ in items if img is not None]
+
+
+def _loader(dataset, num_workers, **kwargs):
+    # More decoding processes than cores only adds contention (and torch warns about it).
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return DataLoader(dataset, num_workers=min(num_workers, cores), collate_fn=_readable, **kwargs)
+
+
 def decode_all(dataset, num_workers=0):
     """Decode every item once -> (N, 3, S, S) uint8. Unreadable files are skipped with a warning."""
-    # More decoding processes than cores only adds contention (and torch warns about it).
-    num_workers = min(num_workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    loader = DataLoader(dataset, batch_size=64, num_workers=num_workers, collate_fn=list)
-    images = []
-    for batch in loader:
-        for img, origin in batch:
-            if img is None:
-                print(f"warning: skipping unreadable image: {origin}", file=sys.stderr)
-            else:
-                images.append(img)
+    images = [img for batch in _loader(dataset, num_workers, batch_size=64) for img in batch]
     if not images:
         raise UserError("none of the images could be read")
     return torch.stack(images)
 
 
-def load_images(image_size, data_root="data", image_dir=None, download=False, limit=None, num_workers=0):
-    """-> (N, 3, image_size, image_size) uint8, from --image-dir if given, else Flowers102."""
-    transform = resize_crop(image_size)
+def image_dataset(image_size, data_root="data", image_dir=None, download=False, limit=None, transform=None):
+    """The training images as a Dataset of (uint8 (3, S, S) or None, origin): --image-dir if
+    given, else Flowers102; a fixed subset with --limit."""
+    transform = transform or resize_crop(image_size)
     dataset = ImageFiles(image_dir, transform) if image_dir else flowers102(data_root, transform, download)
-    return decode_all(fixed_subset(dataset, limit), num_workers)
+    return fixed_subset(dataset, limit)
+
+
+def load_images(image_size, data_root="data", image_dir=None, download=False, limit=None, num_workers=0,
+                cache_dir=None):
+    """-> (N, 3, image_size, image_size) uint8: the training images, decoded once.
+
+    With cache_dir, the decoded tensor is kept in a file named by what determines it (source,
+    size, crop, subset, and for folders every file's name, size and mtime), so later runs skip
+    decoding (minutes for the full-size Flowers102 on a laptop).
+    """
+    dataset = image_dataset(image_size, data_root, image_dir, download, limit)
+    if cache_dir is None:
+        return decode_all(dataset, num_workers)
+    if image_dir:
+        files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in ImageFiles(image_dir, None).paths]
+        source = f"dir:{Path(image_dir).resolve()}:{files}"
+    else:
+        source = f"flowers102:{Path(data_root).resolve()}"
+    key = hashlib.sha1(f"{source}|{image_size}|center-crop|limit={limit}".encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"{'images' if image_dir else 'flowers102'}-{image_size}px-{key}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    images = decode_all(dataset, num_workers)
+    from lib.checkpoint import atomic_save  # imported here: lib.checkpoint imports this module
+    atomic_save(images, path)
+    return images
+
+
+class DecodedBatches:
+    """Batches drawn by index from images decoded once, held on the training device (fast path)."""
+
+    def __init__(self, images, device):
+        self.images = images.to(device)
+
+    def __len__(self):
+        return self.images.shape[0]
+
+    def batches(self, index_batches):
+        for idx in index_batches:
+            yield self.images[idx.to(self.images.device)]  # (B, 3, S, S) uint8
+
+
+class JpegBatches:
+    """The original's loader: worker processes decode, resize, crop and convert every image to
+    float every epoch. Kept to measure against (sd_train.py --literal, benchmarks/); the batches
+    and their order are those of DecodedBatches."""
+
+    def __init__(self, image_size, device, num_workers=4, **source):
+        to_float = T.Compose([resize_crop(image_size), T.ToDtype(torch.float32, scale=True)])
+        self.dataset = image_dataset(image_size, transform=to_float, **source)
+        self.device, self.num_workers = device, num_workers
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def batches(self, index_batches):
+        loader = _loader(self.dataset, self.num_workers, batch_sampler=[idx.tolist() for idx in index_batches],
+                         pin_memory=self.device.type == "cuda")
+        for images in loader:
+            if images:  # empty only if every file of the batch was unreadable
+                yield torch.stack(images).to(self.device, non_blocking=True)  # (B, 3, S, S) float in [0, 1]
 
 
 def compute_stats(images, chunk=512):
@@ -115,8 +183,9 @@ def compute_stats(images, chunk=512):
 
 
 def to_model_space(images, mean, std, flip_generator=None):
-    """uint8 (B,3,H,W) -> normalized float; with a generator, each image is mirrored with p=1/2."""
-    x = images.float().div_(255)
+    """uint8 (or float in [0, 1]) (B,3,H,W) -> normalized float; with a generator, each image is
+    mirrored with p=1/2."""
+    x = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
     if flip_generator is not None:
         flip = torch.rand(x.shape[0], 1, 1, 1, device=x.device, generator=flip_generator) < 0.5
         x = torch.where(flip, x.flip(3), x)

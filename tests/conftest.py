@@ -4,6 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lib.data import FLOWERS_MEAN, FLOWERS_STD, to_model_space
+from sd_train import Training
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = ROOT.parent / "shared" / "data"
 # A network small enough to train for a few hundred steps inside a test (32x32, 2 levels).
@@ -19,7 +22,20 @@ def data_root():
 
 @pytest.fixture(autouse=True)
 def _few_threads():
-    # Keep each test's thread count fixed so results do not depend on what else the machine runs.
+    # The scripts' setup() sets the process's thread count; give the next test the original one.
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
+
+
+def loss_curve(images, literal, precision, steps=200, batch=32):
+    """Per-step losses of `steps` Adam steps (lr 1e-3) on a fixed stream of real flower batches."""
+    torch.manual_seed(0)
+    run = Training(TINY, torch.device("cpu"), precision, 1e-3, literal=literal)
+    noise_gen, data_gen = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, len(images), (batch,), generator=data_gen)
+        x0 = to_model_space(images[idx], FLOWERS_MEAN, FLOWERS_STD)
+        losses.append(run.step(x0, noise_gen, 0.999).item())
+    return torch.tensor(losses)

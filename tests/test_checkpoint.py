@@ -6,7 +6,7 @@ import torch
 
 from conftest import DATA_ROOT, TINY
 from lib import UserError
-from lib.checkpoint import load_model, make_checkpoint, read_checkpoint, save_checkpoint
+from lib.checkpoint import load_model, make_checkpoint, read_checkpoint, atomic_save
 from lib.data import FLOWERS_MEAN, FLOWERS_STD
 from lib.sample import generate, initial_noise
 from lib.unet import ResidualBlock, build_unet, model_config
@@ -15,7 +15,7 @@ from lib.unet import ResidualBlock, build_unet, model_config
 def tiny_checkpoint(path, train_state=None):
     torch.manual_seed(0)
     model = build_unet(TINY)
-    save_checkpoint(make_checkpoint(TINY, [0.5] * 3, [0.25] * 3, model.state_dict(), train_state), path)
+    atomic_save(make_checkpoint(TINY, [0.5] * 3, [0.25] * 3, model.state_dict(), train_state), path)
     return model
 
 
@@ -47,7 +47,7 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     tiny_checkpoint(path)
     before = path.read_bytes()
     with pytest.raises(Exception):
-        save_checkpoint({"format": "x", "bad": lambda: 0}, path)  # cannot be pickled
+        atomic_save({"format": "x", "bad": lambda: 0}, path)  # cannot be pickled
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["last.pt"]  # no temporary file left behind
 
@@ -78,12 +78,12 @@ def test_bad_files_give_one_line_errors(tmp_path):
 def test_weights_that_do_not_fit_the_config(tmp_path):
     model = build_unet(TINY)
     wrong = dict(TINY, widths=[16, 32, 48])
-    save_checkpoint(make_checkpoint(wrong, [0.5] * 3, [0.25] * 3, model.state_dict()), tmp_path / "m.pt")
+    atomic_save(make_checkpoint(wrong, [0.5] * 3, [0.25] * 3, model.state_dict()), tmp_path / "m.pt")
     with pytest.raises(UserError, match="do not fit the network.*wrong shape"):
         load_model(tmp_path / "m.pt")
     sd = model.state_dict()
     sd.pop("out_conv.bias")
-    save_checkpoint(make_checkpoint(TINY, [0.5] * 3, [0.25] * 3, sd), tmp_path / "m2.pt")
+    atomic_save(make_checkpoint(TINY, [0.5] * 3, [0.25] * 3, sd), tmp_path / "m2.pt")
     with pytest.raises(UserError, match="missing: out_conv.bias"):
         load_model(tmp_path / "m2.pt")
 

@@ -1,0 +1,207 @@
+"""Speed of the original's way (literal path) against this repo's fast path, in one process.
+
+    python benchmarks/benchmark.py --data-root ../shared/data
+
+For each preset, in alternating rounds (so drifts in clock speed or load hit both sides alike):
+  train   images/s of full optimisation steps on real Flowers102 batches, loader included
+          (literal: worker processes decode JPEGs; fast: images decoded once, indexed on device)
+  sample  images/s of 20-step DDIM (literal: fp32 NCHW under no_grad, as the original's
+          inference script; fast: lib.sample.generate)
+  memory  peak over each phase: the process's resident memory on CPU, allocated memory on CUDA
+  MFU     (GPU) model FLOPs of a training step (torch.utils.flop_counter) x steps/s / bf16 peak
+"""
+import argparse
+import ctypes
+import ctypes.util
+import gc
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lib.data import (FLOWERS_MEAN, FLOWERS_STD, DecodedBatches, JpegBatches, epoch_order, load_images,  # noqa: E402
+                      to_model_space)
+from lib.diffusion import ddim_sample  # noqa: E402
+from lib.runtime import setup  # noqa: E402
+from lib.sample import generate, initial_noise  # noqa: E402
+from lib.unet import model_config  # noqa: E402
+from sd_train import Training  # noqa: E402
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by a name fragment.
+GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
+                 "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
+
+
+class PeakMemory:
+    """Peak memory while the block runs. CUDA: the allocator's peak. CPU: the peak of this
+    process's RSS (sampled every 2 ms) above its RSS at the start, after freed heap memory was
+    handed back to the OS: the working memory of the phase, on top of models and data."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            gc.collect()
+            if LIBC is not None:
+                LIBC.malloc_trim(0)
+            self.start = rss()
+            self.peak, self.running = self.start, True
+            self.thread = threading.Thread(target=self._watch, daemon=True)
+            self.thread.start()
+        return self
+
+    def _watch(self):
+        while self.running:
+            self.peak = max(self.peak, rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak -= self.start
+
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_training(run, data, n_images, batch, steps, warmup, epoch, device):
+    """Seconds for `steps` training steps after `warmup` steps of the same batch stream."""
+    order = epoch_order(n_images, epoch, seed=epoch).split(batch)[: warmup + steps]
+    gen = torch.Generator(device).manual_seed(epoch)
+    for i, images in enumerate(data.batches(order)):
+        if i == warmup:
+            sync(device)
+            t0 = time.perf_counter()
+        run.step(to_model_space(images, FLOWERS_MEAN, FLOWERS_STD, gen), gen, 0.999)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def sample_literal(model, noise, steps):
+    """The original's inference: fp32, NCHW, autograd off (not inference mode)."""
+    with torch.no_grad():
+        ddim_sample(model, noise.to(next(model.parameters()).device), steps=steps)
+
+
+def train_flops(run, cfg, batch, device):
+    from torch.utils.flop_counter import FlopCounterMode
+    x0 = torch.randn(batch, 3, cfg["image_size"], cfg["image_size"], device=device)
+    with FlopCounterMode(display=False) as counter:
+        run.step(x0, torch.Generator(device).manual_seed(0), 0.999)
+    return counter.get_total_flops()
+
+
+def machine(device):
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    text = f"{cpu}, {cores} cores, torch {torch.__version__}"
+    if device.type == "cuda":
+        text = f"{torch.cuda.get_device_name()} ({text})"
+    return text
+
+
+def bench_preset(preset, args, device, precision):
+    cfg = model_config(preset)
+    batch = args.batch or (64 if device.type == "cuda" or preset == "flowers64" else 8)
+    steps = args.steps or (20 if preset == "flowers64" or device.type == "cuda" else 4)
+    n_images = batch * (steps + args.warmup)
+    literal_precision = "fp16" if device.type == "cuda" else "bf16"  # autocast's defaults, as the original
+    sides = {
+        "literal": (Training(cfg, device, literal_precision, 3e-4, literal=True),
+                    JpegBatches(cfg["image_size"], device, args.num_workers, data_root=args.data_root, limit=n_images)),
+        "fast": (Training(cfg, device, precision, 3e-4, compile=args.compile),
+                 DecodedBatches(load_images(cfg["image_size"], args.data_root, limit=n_images), device)),
+    }
+    fast = sides["fast"][0]
+    flops_per_image = train_flops(fast, cfg, batch, device) / batch
+    n_sample = args.sample_images or (64 if device.type == "cuda" else 16 if preset == "flowers64" else 4)
+    noise = initial_noise(n_sample, cfg["image_size"], seed=0)
+    results = {name: dict(train=[], sample=[], train_mem=0, sample_mem=0) for name in sides}
+    for r in range(args.rounds):
+        for name, (run, data) in sides.items():
+            with PeakMemory(device) as mem:
+                seconds = time_training(run, data, n_images, batch, steps, args.warmup, r, device)
+            results[name]["train"].append(batch * steps / seconds)
+            results[name]["train_mem"] = max(results[name]["train_mem"], mem.peak)
+            run.ema.eval()
+            with PeakMemory(device) as mem:
+                t0 = time.perf_counter()
+                if name == "literal":
+                    sample_literal(run.ema, noise, 20)
+                else:
+                    generate(run.ema, noise, FLOWERS_MEAN, FLOWERS_STD, steps=20, precision=precision)
+                sync(device)
+                results[name]["sample"].append(n_sample / (time.perf_counter() - t0))
+            results[name]["sample_mem"] = max(results[name]["sample_mem"], mem.peak)
+            print(f"  {preset} round {r + 1} {name}: train {results[name]['train'][-1]:.2f} img/s, "
+                  f"sample {results[name]['sample'][-1]:.2f} img/s", file=sys.stderr)
+    rows = []
+    for name in sides:
+        res = results[name]
+        train_ips, sample_ips = max(res["train"]), max(res["sample"])  # best round: least disturbed
+        tflops = flops_per_image * train_ips / 1e12
+        peak = next((v for k, v in GPU_BF16_PEAK.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+        rows.append(dict(preset=preset, batch=batch, path=name,
+                         precision=literal_precision if name == "literal" else precision,
+                         train=train_ips, sample=sample_ips, train_mem=res["train_mem"] / 2**20,
+                         sample_mem=res["sample_mem"] / 2**20, tflops=tflops,
+                         mfu=f"{100 * tflops * 1e12 / peak:.1f}%" if peak else "-"))
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data-root", default="data", help="folder that holds flowers-102/")
+    p.add_argument("--presets", nargs="+", default=["flowers64", "sd128"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="auto", help="the fast path's precision")
+    p.add_argument("--batch", type=int, default=None, help="default: 64 (GPU or flowers64), 8 (sd128 on CPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed training steps a round (default 20; sd128 on CPU 4)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--sample-images", type=int, default=None)
+    p.add_argument("--num-workers", type=int, default=4, help="the literal loader's processes (the original: 4)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the fast path")
+    args = p.parse_args(argv)
+    device, precision = setup(args.device, args.precision)
+    print(f"machine: {machine(device)}", file=sys.stderr)
+    rows = [row for preset in args.presets for row in bench_preset(preset, args, device, precision)]
+    mem = "peak GPU memory MB" if device.type == "cuda" else "working memory MB"
+    print(f"\nMachine: {machine(device)}\n")
+    print(f"| preset | batch | path | precision | train img/s | x | sample img/s (20 steps) | x | {mem} train / sample | train TFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        base = next(r for r in rows if r["preset"] == row["preset"] and r["path"] == "literal")
+        print(f"| {row['preset']} | {row['batch']} | {row['path']} | {row['precision']} | {row['train']:.1f} | "
+              f"{row['train'] / base['train']:.2f} | {row['sample']:.1f} | {row['sample'] / base['sample']:.2f} | "
+              f"{row['train_mem']:.0f} / {row['sample_mem']:.0f} | {row['tflops']:.2f} | {row['mfu']} |")
+
+
+if __name__ == "__main__":
+    main()
