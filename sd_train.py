@@ -26,11 +26,12 @@ from lib.checkpoint import atomic_save, make_checkpoint, read_checkpoint
 from lib.data import (FLOWERS_MEAN, FLOWERS_STD, DecodedBatches, JpegBatches, compute_stats, epoch_order, load_images,
                       to_model_space)
 from lib.diffusion import training_loss
+from lib.metrics import KidProbe
 from lib.runtime import PRECISIONS, autocast, setup
 from lib.sample import generate, initial_noise
 from lib.unet import PRESETS, build_unet, count_parameters, model_config
 
-CSV_FIELDS = ["epoch", "loss", "lr", "seconds", "images_per_s"]
+CSV_FIELDS = ["epoch", "loss", "lr", "seconds", "images_per_s", "kid"]
 
 
 def get_parser():
@@ -60,6 +61,10 @@ def get_parser():
     p.add_argument("--sample-every", type=int, default=10, help="write a sample grid every N epochs (and at 1 and the last)")
     p.add_argument("--num-samples", type=int, default=8)
     p.add_argument("--sample-steps", type=int, default=20)
+    p.add_argument("--eval-every", type=int, default=0, help="every N epochs, a KID (efficientnet-lite0) of EMA samples; 0: never")
+    p.add_argument("--eval-samples", type=int, default=500)
+    p.add_argument("--eval-steps", type=int, default=5, help="DDIM steps of the KID samples")
+    p.add_argument("--best-by", default="loss", choices=["loss", "kid"], help="what makes best.pt the best")
     # runtime
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
@@ -151,7 +156,7 @@ class StopRequest:
 
 
 def write_log(out_dir, rows):
-    """Rewrite the CSV log and the loss curve from all epochs so far."""
+    """Rewrite the CSV log, the loss curve and (once there is one) the KID curve."""
     with open(out_dir / "training_log.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
@@ -159,13 +164,18 @@ def write_log(out_dir, rows):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["epoch"] for r in rows], [r["loss"] for r in rows])
-    ax.set(xlabel="epoch", ylabel="L1 loss on the noise (epoch mean)", title="Training loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "loss_curve.png", dpi=100)
-    plt.close(fig)
+    for key, label, name in (("loss", "L1 loss on the noise (epoch mean)", "loss_curve.png"),
+                             ("kid", "KID [efficientnet-lite0], 5-step samples", "kid_curve.png")):
+        points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
+        if not points:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(*zip(*points), marker="o" if key == "kid" else None)
+        ax.set(xlabel="epoch", ylabel=label, title=f"Training {key.upper() if key == 'kid' else key}")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=100)
+        plt.close(fig)
 
 
 def train(args, resumed, stop):
@@ -213,7 +223,7 @@ def train(args, resumed, stop):
                                                        patience=args.lr_patience, min_lr=args.min_lr)
     gen = torch.Generator(device).manual_seed(args.seed)  # times, noise and flips
     state = dict(epoch=0, step_in_epoch=0, epoch_loss_sum=0.0, epoch_seconds=0.0, global_step=0,
-                 best_loss=math.inf, bad_epochs=0, log=[])
+                 best_loss=math.inf, best_kid=math.inf, bad_epochs=0, log=[])
     if resumed:
         t = resumed["train"]
         model.load_state_dict(t["model"])
@@ -226,12 +236,21 @@ def train(args, resumed, stop):
                 group["lr"] = args.lr
         torch.set_rng_state(t["rng"]["torch"])
         gen.set_state(t["rng"]["device"])
-        state.update({k: t[k] for k in state})
+        state.update({k: t.get(k, state[k]) for k in state})  # keys added later get their defaults
         print(f"resumed {args.resume}: epoch {state['epoch'] + 1}, step {state['step_in_epoch']}")
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sample_noise = initial_noise(args.num_samples, cfg["image_size"], args.seed)
+    if args.best_by == "kid" and args.eval_every < 1:
+        raise UserError("--best-by kid needs --eval-every N")
+    kid_probe = None
+    if args.eval_every > 0:
+        print(f"KID probe: features of the {n_images} training images (efficientnet-lite0)")
+        real = data.images.cpu() if not args.literal else load_images(
+            cfg["image_size"], args.data_root, args.image_dir, limit=args.limit, num_workers=args.num_workers)
+        kid_probe = KidProbe(real, mean, std, args.eval_samples, args.eval_steps, args.seed + 1, precision, device,
+                             args.cache_dir, key=f"{args.image_dir or args.data_root}|{cfg['image_size']}|{args.limit}")
 
     def checkpoint(name):
         train_state = dict(state, args=vars(args), model=model.state_dict(), optimizer=opt.state_dict(),
@@ -270,15 +289,25 @@ def train(args, resumed, stop):
         loss = state["epoch_loss_sum"] / len(order)
         seconds = state["epoch_seconds"]
         sched.step(loss)
-        improved = loss < state["best_loss"]
-        state["best_loss"], state["bad_epochs"] = (loss, 0) if improved else (state["best_loss"], state["bad_epochs"] + 1)
+        # The LR schedule and early stopping follow the loss (as the original); best.pt follows --best-by.
+        loss_improved = loss < state["best_loss"]
+        state["best_loss"], state["bad_epochs"] = (loss, 0) if loss_improved else (state["best_loss"], state["bad_epochs"] + 1)
+        done = epoch == args.epochs or state["bad_epochs"] >= args.early_stop or interrupted
+        kid_value = None
+        if kid_probe is not None and (epoch % args.eval_every == 0 or done):
+            kid_value = kid_probe(ema)
+        kid_improved = kid_value is not None and kid_value < state["best_kid"]
+        if kid_improved:
+            state["best_kid"] = kid_value
+        improved = kid_improved if args.best_by == "kid" else loss_improved
         state["log"].append(dict(epoch=epoch, loss=round(loss, 6), lr=opt.param_groups[0]["lr"], seconds=round(seconds, 2),
-                                 images_per_s=round(n_images / seconds, 2)))
+                                 images_per_s=round(n_images / seconds, 2),
+                                 kid=None if kid_value is None else round(kid_value, 6)))
         state.update(epoch=epoch, step_in_epoch=0, epoch_loss_sum=0.0, epoch_seconds=0.0)
         print(f"epoch {epoch}/{args.epochs}  loss {loss:.4f}  lr {opt.param_groups[0]['lr']:.2e}  "
-              f"{seconds:.1f}s  {n_images / seconds:.1f} img/s{'  *best*' if improved else ''}")
+              f"{seconds:.1f}s  {n_images / seconds:.1f} img/s{'' if kid_value is None else f'  KID {kid_value:.4f}'}"
+              f"{'  *best*' if improved else ''}")
         write_log(out_dir, state["log"])
-        done = epoch == args.epochs or state["bad_epochs"] >= args.early_stop or interrupted
         if epoch == 1 or epoch % args.sample_every == 0 or done:
             grid = generate(ema, sample_noise, mean, std, steps=args.sample_steps, seed=args.seed, precision=precision)
             save_image(grid, out_dir / f"epoch_{epoch}.png", nrow=4)
@@ -291,7 +320,8 @@ def train(args, resumed, stop):
         if interrupted:
             print(f"stopped after epoch {epoch}; resume with --resume {out_dir / 'last.pt'}")
             return
-    print(f"done: {state['epoch']} epochs, best loss {state['best_loss']:.4f}; checkpoints in {out_dir}")
+    best_kid = "" if kid_probe is None else f", best KID {state['best_kid']:.4f}"
+    print(f"done: {state['epoch']} epochs, best loss {state['best_loss']:.4f}{best_kid}; checkpoints in {out_dir}")
 
 
 def main(argv=None):

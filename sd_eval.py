@@ -1,0 +1,107 @@
+"""Score sample quality: KID and FID of generated flowers against the real Flowers102 images.
+
+    python sd_eval.py --checkpoint models/flowers64.pt --num-samples 1000 --data-root data
+    python sd_eval.py --checkpoint models/flowers64.pt --floor          # and what real images score
+    python sd_eval.py --samples-dir my_samples/ --image-size 64         # score a folder of images
+
+The real images are prepared exactly as for training (resize, center crop to the model's size).
+Lower is better for both; read them against the floor (--floor): two sets of real images of the
+same size score the floor, not zero (FID is biased upwards at small N; KID is unbiased, ~0).
+"""
+import argparse
+import sys
+import time
+
+import torch
+
+from lib import UserError
+from lib.checkpoint import load_model
+from lib.data import load_images
+from lib.metrics import EXTRACTORS, build_extractor, extract_features, fid, kid, reference_features, to_uint8
+from lib.runtime import PRECISIONS, setup
+from lib.sample import generate, initial_noise
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_argument_group("what to score (one of)")
+    src.add_argument("--checkpoint", default=None, help="generate samples from this checkpoint")
+    src.add_argument("--samples-dir", default=None, help="score the images in this folder instead")
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's (needed with --samples-dir)")
+    p.add_argument("--floor", action="store_true", help="also score N held-out real images against the rest")
+    p.add_argument("--data-root", default="data", help="folder that holds flowers-102/")
+    p.add_argument("--image-dir", default=None, help="real images from this folder instead of Flowers102")
+    p.add_argument("--extractor", default="efficientnet-lite0", choices=EXTRACTORS,
+                   help="feature space: efficientnet-lite0 (offline) or inception (the FID standard)")
+    p.add_argument("--inception-weights", default=None, help="file with the FID Inception weights (no download)")
+    p.add_argument("--cache-dir", default="cache", help="real-image features are cached here")
+    p.add_argument("--kid-subsets", type=int, default=100)
+    p.add_argument("--kid-subset-size", type=int, default=1000)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="for sampling")
+    p.add_argument("--batch-size", type=int, default=100, help="images sampled at once")
+    return p
+
+
+def score(name, real, fake, args):
+    """One output line per metric, naming the feature extractor and the sample sizes."""
+    k_mean, k_std = kid(real, fake, args.kid_subsets, args.kid_subset_size, seed=args.seed)
+    f = fid(real, fake)
+    print(f"{name}: KID [{args.extractor}] {k_mean:.5f} ± {k_std:.5f}   FID [{args.extractor}] {f:.3f}   "
+          f"({len(fake)} vs {len(real)} real)")
+    return k_mean, f
+
+
+def run(args):
+    if (args.checkpoint is None) == (args.samples_dir is None) and not args.floor:
+        raise UserError("give --checkpoint or --samples-dir (or --floor alone)")
+    if args.num_samples < 2:
+        raise UserError("--num-samples must be >= 2")
+    device, precision = setup(args.device, args.precision)
+    t0 = time.perf_counter()
+    model = ckpt = fake = None
+    if args.checkpoint:
+        model, ckpt = load_model(args.checkpoint, device, args.image_size)
+        model = model.to(memory_format=torch.channels_last)
+        size = ckpt["config"]["image_size"]
+    elif args.samples_dir:
+        fake = load_images(args.image_size or 64, image_dir=args.samples_dir)
+        size = fake.shape[-1]
+    else:
+        size = args.image_size or 64
+    real = load_images(size, args.data_root, args.image_dir, num_workers=2, cache_dir=args.cache_dir)
+    extractor = build_extractor(args.extractor, args.inception_weights)
+    key = f"{args.image_dir or args.data_root}|{size}|center-crop|{len(real)}"
+    real_features = reference_features(extractor, real, args.cache_dir, key, device)
+    print(f"real: {len(real)} images at {size} px, features [{args.extractor}] in {time.perf_counter() - t0:.0f}s")
+    if model is not None:
+        t1 = time.perf_counter()
+        noise = initial_noise(args.num_samples, size, args.seed)
+        fake = to_uint8(generate(model, noise, ckpt["norm"]["mean"], ckpt["norm"]["std"], steps=args.steps,
+                                 eta=args.eta, seed=args.seed, precision=precision, batch_size=args.batch_size))
+        print(f"generated {len(fake)} samples ({args.steps} steps, eta {args.eta}) in {time.perf_counter() - t1:.0f}s")
+    if fake is not None:
+        score("samples", real_features, extract_features(extractor, fake, device=device), args)
+    if args.floor:
+        n = min(args.num_samples if fake is None else len(fake), len(real) // 2)
+        perm = torch.randperm(len(real), generator=torch.Generator().manual_seed(args.seed))
+        score("floor (real vs real)", real_features[perm[n:]], real_features[perm[:n]], args)
+    print(f"total {time.perf_counter() - t0:.0f}s")
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sd_eval
+import sd_train
+from lib import UserError
+from lib.metrics import InceptionV3, fid, frechet_distance, kid
+from test_checkpoint import tiny_checkpoint
+
+
+def test_kid_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 16, generator=g, dtype=torch.float64)
+    b = torch.randn(400, 16, generator=g, dtype=torch.float64)
+    # Against itself the unbiased estimator is off by -2 (k(x,x) - k(x,y)) / m, here ~ -0.04:
+    # zero on the scale of the distances below.
+    same, same_std = kid(a, a.clone(), num_subsets=20, subset_size=200)
+    assert abs(same) < 0.05 and same_std >= 0
+    twin, _ = kid(a, b, num_subsets=20, subset_size=200)  # two draws of one distribution
+    assert abs(twin) < 0.05
+    shifted, _ = kid(a, b + 0.5, num_subsets=20, subset_size=200)
+    far, _ = kid(a, b + 1.0, num_subsets=20, subset_size=200)
+    assert shifted > 0.5 and far > 5 * shifted
+
+
+def test_frechet_distance_matches_the_closed_form():
+    # Diagonal covariances: ||mu1 - mu2||^2 + sum (s1 - s2)^2 with s the standard deviations.
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    s1, s2 = np.array([1.0, 2.0, 0.5]), np.array([2.0, 1.0, 0.5])
+    expected = ((mu1 - mu2) ** 2).sum() + ((s1 - s2) ** 2).sum()
+    assert frechet_distance(mu1, np.diag(s1**2), mu2, np.diag(s2**2)) == pytest.approx(expected, rel=1e-9)
+    # A full covariance against itself, shifted: only the means count.
+    a = np.random.default_rng(0).normal(size=(5, 5))
+    cov = a @ a.T + np.eye(5)
+    assert frechet_distance(mu1.repeat(2)[:5], cov, mu1.repeat(2)[:5] + 1, cov) == pytest.approx(5.0, abs=1e-6)
+
+
+def test_fid_of_gaussian_samples_approaches_the_closed_form():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(20000, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64) + 1
+    assert fid(x, y) == pytest.approx(3 * 1.0 + 1.0, rel=0.03)  # means differ by 1 in 3 dims; one std 1 -> 2
+
+
+def test_inception_loading_code_runs_on_a_random_state_dict(tmp_path, monkeypatch):
+    """No network: build torch-fidelity's network untrained, save its state dict, load it back
+    through our --inception-weights path and extract features of the right shape."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    monkeypatch.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: {})
+    untrained = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")
+    monkeypatch.undo()
+    torch.save(untrained.state_dict(), tmp_path / "random_inception.pt")
+    extractor = InceptionV3(tmp_path / "random_inception.pt")
+    features = extractor(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    assert features.shape == (2, 2048) and torch.isfinite(features).all()
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "wrong.pt")
+    with pytest.raises(UserError, match="does not fit the FID Inception"):
+        InceptionV3(tmp_path / "wrong.pt")
+
+
+def test_inception_offline_gives_one_line_naming_the_flag(monkeypatch, tmp_path):
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(UserError, match="--inception-weights"):
+        InceptionV3()
+    with pytest.raises(UserError, match="--inception-weights .*no such file"):
+        InceptionV3(tmp_path / "missing.pth")
+
+
+def real_folder(path, n=24, size=40):
+    path.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        color = tuple(torch.randint(0, 256, (3,), generator=g).tolist())
+        Image.new("RGB", (size, size), color).save(path / f"{i}.png")
+    return path
+
+
+def test_eval_cli_end_to_end(tmp_path, capsys):
+    tiny_checkpoint(tmp_path / "m.pt")
+    real = real_folder(tmp_path / "real")
+    argv = ["--checkpoint", str(tmp_path / "m.pt"), "--num-samples", "8", "--steps", "2", "--image-dir", str(real),
+            "--cache-dir", str(tmp_path / "cache"), "--kid-subsets", "5", "--floor"]
+    assert sd_eval.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "samples: KID [efficientnet-lite0]" in out and "FID [efficientnet-lite0]" in out
+    assert "floor (real vs real): KID [efficientnet-lite0]" in out
+    assert len(list((tmp_path / "cache").glob("features-efficientnet-lite0-*.pt"))) == 1
+    assert sd_eval.main(argv) == 0  # second run reads the cached reference features
+    assert sd_eval.main(["--samples-dir", str(real), "--image-size", "32", "--image-dir", str(real),
+                         "--cache-dir", str(tmp_path / "cache"), "--kid-subsets", "5"]) == 0
+    assert "samples: KID" in capsys.readouterr().out
+
+
+def test_eval_cli_bad_inputs(tmp_path, capsys):
+    assert sd_eval.main(["--num-samples", "8"]) == 2
+    assert "give --checkpoint or --samples-dir" in capsys.readouterr().err
+    assert sd_eval.main(["--checkpoint", str(tmp_path / "nope.pt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_training_tracks_kid_and_keeps_the_best_by_it(tmp_path):
+    real = real_folder(tmp_path / "real", n=16, size=20)
+    argv = ["--preset", "flowers64", "--image-size", "16", "--image-dir", str(real), "--batch-size", "8",
+            "--epochs", "2", "--num-workers", "0", "--num-samples", "2", "--sample-steps", "2",
+            "--eval-every", "1", "--eval-samples", "8", "--eval-steps", "2", "--best-by", "kid", "--out-dir", str(tmp_path / "run")]
+    assert sd_train.main(argv) == 0
+    log = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["train"]["log"]
+    assert all(r["kid"] is not None for r in log)
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["train"]
+    assert best["best_kid"] == pytest.approx(min(r["kid"] for r in log[: best["epoch"]]), abs=1e-6)
+    assert (tmp_path / "run" / "kid_curve.png").is_file()
