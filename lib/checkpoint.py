@@ -124,3 +124,27 @@ def load_model(path, device="cpu", image_size=None):
         raise UserError(f"{path} has an unusable config {cfg} ({e})") from None
     load_weights(model, ckpt["ema"], path)
     return model.to(device).eval(), ckpt
+
+
+def export_weights(src, dst):
+    """Write the inference part of a checkpoint (config, normalization, EMA weights): a few MB
+    instead of the tens that the training state adds. Original-format files come out in ours."""
+    ckpt = read_checkpoint(src)
+    load_model(src)  # refuse to export weights that do not fit their config
+    atomic_save(make_checkpoint(ckpt["config"], ckpt["norm"]["mean"], ckpt["norm"]["std"], ckpt["ema"]), dst)
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(description="Export a checkpoint's EMA weights for inference: "
+                                            "python -m lib.checkpoint runs/x/best.pt models/x.pt")
+    p.add_argument("src")
+    p.add_argument("dst")
+    args = p.parse_args()
+    try:
+        export_weights(args.src, args.dst)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {args.dst} ({Path(args.dst).stat().st_size / 2**20:.1f} MB)")

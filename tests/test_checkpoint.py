@@ -123,3 +123,13 @@ def test_original_checkpoints_load_and_paint_the_same_images(tmp_path, preset):
     a = generate(loaded, noise, FLOWERS_MEAN, FLOWERS_STD, steps=3)
     b = generate(model, noise, FLOWERS_MEAN, FLOWERS_STD, steps=3)
     torch.testing.assert_close(a, b)
+
+
+def test_export_keeps_what_inference_needs(tmp_path):
+    model = tiny_checkpoint(tmp_path / "last.pt", train_state={"epoch": 3, "big": torch.zeros(1000)})
+    from lib.checkpoint import export_weights
+    export_weights(tmp_path / "last.pt", tmp_path / "model.pt")
+    ckpt = read_checkpoint(tmp_path / "model.pt")
+    assert "train" not in ckpt and ckpt["config"] == TINY
+    loaded, _ = load_model(tmp_path / "model.pt")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
