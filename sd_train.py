@@ -15,13 +15,15 @@ import math
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from lib import UserError
+from lib import UserError, distributed
 from lib.checkpoint import atomic_save, make_checkpoint, read_checkpoint
 from lib.data import (FLOWERS_MEAN, FLOWERS_STD, DecodedBatches, JpegBatches, compute_stats, epoch_order, load_images,
                       to_model_space)
@@ -49,7 +51,7 @@ def get_parser():
     p.add_argument("--cache-dir", default=None, help="keep the decoded images in a file here for later runs")
     # optimisation: the original's recipe
     p.add_argument("--epochs", type=int, default=500)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="per process: the global batch is this x the process count")
     p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--lr-patience", type=int, default=20, help="ReduceLROnPlateau: epochs without improvement")
@@ -73,6 +75,7 @@ def get_parser():
     p.add_argument("--literal", action="store_true",
                    help="the original's slow path, to measure against: JPEGs decoded every epoch by --num-workers "
                         "processes, NCHW layout, the literal network formulation, autocast + GradScaler as the original")
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun: BatchNorm statistics over all processes' shards")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", default=None, help="last.pt (or best.pt) of a run: continue it; flags given now override")
     p.add_argument("--dry-run", action="store_true", help="print the configuration and parameter count, then exit")
@@ -115,15 +118,24 @@ class Training:
     torch.compile. literal=True is the original's: NCHW, literal network, a GradScaler always.
     """
 
-    def __init__(self, cfg, device, precision, lr, literal=False, compile=False):
+    def __init__(self, cfg, device, precision, lr, literal=False, compile=False, distributed=False, sync_bn=False):
         self.device, self.precision = device, precision
         self.memory_format = torch.contiguous_format if literal else torch.channels_last
         self.model = build_unet(cfg, literal=literal).to(device, memory_format=self.memory_format)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if sync_bn:  # batch statistics over the global batch instead of each process's shard
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=lr, fused=device.type == "cuda" and not literal)
         # Loss scaling only matters for fp16 (bf16 has fp32's exponent range); the original always scales.
         self.scaler = torch.amp.GradScaler(device.type, enabled=literal or precision == "fp16")
-        self.step_model = torch.compile(self.model) if compile else self.model
+        self.step_model = self.model
+        if distributed:  # gradients averaged over processes; BatchNorm buffers follow rank 0's
+            # Some 1x1 kernels get gradients in another (equally dense) stride order than their
+            # channels_last weights; DDP then copies those few KB and warns. Harmless: silence it.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+            self.step_model = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        if compile:
+            self.step_model = torch.compile(self.step_model)
 
     def step(self, x0, generator, ema_decay):
         """One Adam step on the noise-prediction loss of x0 (B, 3, S, S) -> the loss (detached)."""
@@ -178,8 +190,11 @@ def write_log(out_dir, rows):
         plt.close(fig)
 
 
-def train(args, resumed, stop):
-    device, precision = setup(args.device, args.precision)
+def train(args, resumed, stop, ctx=distributed.Context()):
+    """Run (or continue) a training run; returns the Training objects. ctx: this process's place
+    under torchrun (rank 0 of 1 when run alone)."""
+    log = print if ctx.is_main else (lambda *a, **k: None)  # one voice: rank 0's
+    device, precision = setup(ctx.device or args.device, args.precision)
     if args.literal and args.precision == "auto":  # the original: autocast's default dtype everywhere
         precision = "fp16" if device.type == "cuda" else "bf16"
     try:  # a resumed run keeps the network its checkpoint describes
@@ -189,17 +204,20 @@ def train(args, resumed, stop):
     torch.manual_seed(args.seed)
     if args.dry_run:
         for k, v in sorted(vars(args).items()):
-            print(f"{k}: {v}")
-        print(f"device: {device}\nprecision: {precision}\nmodel: {cfg}")
-        print(f"parameters: {count_parameters(build_unet(cfg))}")
-        return
+            log(f"{k}: {v}")
+        log(f"device: {device}\nprecision: {precision}\nmodel: {cfg}\nprocesses: {ctx.world_size}")
+        log(f"parameters: {count_parameters(build_unet(cfg))}")
+        return None
     for name in ("epochs", "batch_size", "sample_every", "num_samples", "sample_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
-    run = Training(cfg, device, precision, args.lr, literal=args.literal, compile=args.compile)
+    if args.sync_bn and ctx.active and device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm does not run on CPU processes)")
+    run = Training(cfg, device, precision, args.lr, literal=args.literal, compile=args.compile,
+                   distributed=ctx.active, sync_bn=args.sync_bn and ctx.active)
     model, ema, opt, scaler = run.model, run.ema, run.opt, run.scaler
 
-    print(f"loading images ({'--image-dir ' + args.image_dir if args.image_dir else 'Flowers102 from ' + args.data_root})")
+    log(f"loading images ({'--image-dir ' + args.image_dir if args.image_dir else 'Flowers102 from ' + args.data_root})")
     if args.literal:
         data = JpegBatches(cfg["image_size"], device, args.num_workers, data_root=args.data_root,
                            image_dir=args.image_dir, download=args.download, limit=args.limit)
@@ -215,14 +233,17 @@ def train(args, resumed, stop):
     else:
         mean, std = FLOWERS_MEAN, FLOWERS_STD
     n_images = len(data)
-    steps_per_epoch = math.ceil(n_images / args.batch_size)
-    print(f"{n_images} images of {cfg['image_size']} px, {count_parameters(model):,} parameters, "
-          f"{device} {precision}{' literal path' if args.literal else ''}, {steps_per_epoch} steps per epoch")
+    steps_per_epoch = len(distributed.shard(torch.arange(n_images), args.batch_size, ctx))
+    log(f"{n_images} images of {cfg['image_size']} px, {count_parameters(model):,} parameters, "
+        f"{device} {precision}{' literal path' if args.literal else ''}, {ctx.world_size} process(es) x batch "
+        f"{args.batch_size}, {steps_per_epoch} steps per epoch")
 
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=args.lr_factor,
                                                        patience=args.lr_patience, min_lr=args.min_lr)
-    gen = torch.Generator(device).manual_seed(args.seed)  # times, noise and flips
-    state = dict(epoch=0, step_in_epoch=0, epoch_loss_sum=0.0, epoch_seconds=0.0, global_step=0,
+    gen = torch.Generator(device).manual_seed(args.seed + ctx.rank)  # times, noise and flips: per rank
+    # images_done / epoch_steps: progress in the current epoch, in images (so a run resumed with
+    # another process count knows where to continue) and in global steps.
+    state = dict(epoch=0, images_done=0, epoch_steps=0, epoch_loss_sum=0.0, epoch_seconds=0.0, global_step=0,
                  best_loss=math.inf, best_kid=math.inf, bad_epochs=0, log=[])
     if resumed:
         t = resumed["train"]
@@ -235,9 +256,15 @@ def train(args, resumed, stop):
             for group in opt.param_groups:
                 group["lr"] = args.lr
         torch.set_rng_state(t["rng"]["torch"])
-        gen.set_state(t["rng"]["device"])
+        gen_states = t["rng"]["device"] if isinstance(t["rng"]["device"], list) else [t["rng"]["device"]]
+        if len(gen_states) == ctx.world_size:
+            gen.set_state(gen_states[ctx.rank])
+        else:  # another process count: fresh, still reproducible, per-rank streams
+            gen.manual_seed(args.seed + ctx.rank + 1_000_003 * t["global_step"])
         state.update({k: t.get(k, state[k]) for k in state})  # keys added later get their defaults
-        print(f"resumed {args.resume}: epoch {state['epoch'] + 1}, step {state['step_in_epoch']}")
+        if "step_in_epoch" in t:  # checkpoints written before images_done existed
+            state.update(images_done=t["step_in_epoch"] * args.batch_size, epoch_steps=t["step_in_epoch"])
+        log(f"resumed {args.resume}: epoch {state['epoch'] + 1}, {state['images_done']} images into it")
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -245,96 +272,113 @@ def train(args, resumed, stop):
     if args.best_by == "kid" and args.eval_every < 1:
         raise UserError("--best-by kid needs --eval-every N")
     kid_probe = None
-    if args.eval_every > 0:
-        print(f"KID probe: features of the {n_images} training images (efficientnet-lite0)")
+    if args.eval_every > 0 and ctx.is_main:
+        log(f"KID probe: features of the {n_images} training images (efficientnet-lite0)")
         real = data.images.cpu() if not args.literal else load_images(
             cfg["image_size"], args.data_root, args.image_dir, limit=args.limit, num_workers=args.num_workers)
         kid_probe = KidProbe(real, mean, std, args.eval_samples, args.eval_steps, args.seed + 1, precision, device,
                              args.cache_dir, key=f"{args.image_dir or args.data_root}|{cfg['image_size']}|{args.limit}")
 
     def checkpoint(name):
+        """Collective (every rank's RNG state is gathered); rank 0 writes."""
+        gen_states = [gen.get_state()]
+        if ctx.active:
+            gen_states = [None] * ctx.world_size
+            torch.distributed.all_gather_object(gen_states, gen.get_state().cpu())
+        if not ctx.is_main:
+            return
         train_state = dict(state, args=vars(args), model=model.state_dict(), optimizer=opt.state_dict(),
-                           scheduler=sched.state_dict(), scaler=scaler.state_dict(),
-                           rng={"torch": torch.get_rng_state(), "device": gen.get_state()})
+                           scheduler=sched.state_dict(), scaler=scaler.state_dict(), world_size=ctx.world_size,
+                           rng={"torch": torch.get_rng_state(), "device": gen_states})
         atomic_save(make_checkpoint(cfg, mean, std, ema.state_dict(), train_state), out_dir / name)
 
     while state["epoch"] < args.epochs:
         epoch = state["epoch"] + 1  # 1-based for people
-        order = epoch_order(n_images, state["epoch"], args.seed).split(args.batch_size)
+        order = epoch_order(n_images, state["epoch"], args.seed)
+        batches = distributed.shard(order[state["images_done"]:], args.batch_size, ctx)  # this rank's
+        global_sizes = [len(gb) for gb in order[state["images_done"]:].split(args.batch_size * ctx.world_size)]
         model.train()
-        loss_sum = torch.tensor(state["epoch_loss_sum"], device=device)
-        first = state["step_in_epoch"]
-        bar = tqdm(data.batches(order[first:]), initial=first, total=len(order),
+        loss_sum = torch.zeros((), device=device)  # this rank's, this session
+        first = state["epoch_steps"]
+        bar = tqdm(data.batches(batches), initial=first, total=first + len(batches), disable=not ctx.is_main,
                    desc=f"epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True)
         t0 = time.perf_counter()
-        for i, images in enumerate(bar, start=first):
+        steps_done = 0
+        for i, images in enumerate(bar):
             x0 = to_model_space(images, mean, std, gen if args.flip else None)
             # Like AveragedModel, the first update copies the weights; later ones average.
             loss_sum += run.step(x0, gen, args.ema_decay if state["global_step"] else 0.0)
             state["global_step"] += 1
-            state["step_in_epoch"] = i + 1
+            state["epoch_steps"] += 1
+            state["images_done"] += global_sizes[i]
+            steps_done += 1
             if i % 10 == 0:
-                bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.4f}")
-            if stop.requested:
+                bar.set_postfix(loss=f"{(state['epoch_loss_sum'] + loss_sum.item()) / state['epoch_steps']:.4f}")
+            if distributed.any_rank(stop.requested, ctx, device):
                 break
         state["epoch_seconds"] += time.perf_counter() - t0
-        state["epoch_loss_sum"] = loss_sum.item()
+        # Every rank adds the same mean: the ranks' losses averaged, so all take the same decisions.
+        state["epoch_loss_sum"] += distributed.all_sum(loss_sum.item(), ctx, device) / ctx.world_size
         bar.close()
-        interrupted = stop.requested
-        if interrupted and state["step_in_epoch"] < len(order):
+        interrupted = distributed.any_rank(stop.requested, ctx, device)
+        if interrupted and steps_done < len(batches):
             checkpoint("last.pt")
-            print(f"stopped in epoch {epoch} at step {state['step_in_epoch']}; resume with --resume {out_dir / 'last.pt'}")
-            return
+            log(f"stopped in epoch {epoch} after {state['images_done']} images; resume with --resume {out_dir / 'last.pt'}")
+            return run
 
-        loss = state["epoch_loss_sum"] / len(order)
+        loss = state["epoch_loss_sum"] / state["epoch_steps"]
         seconds = state["epoch_seconds"]
         sched.step(loss)
         # The LR schedule and early stopping follow the loss (as the original); best.pt follows --best-by.
         loss_improved = loss < state["best_loss"]
         state["best_loss"], state["bad_epochs"] = (loss, 0) if loss_improved else (state["best_loss"], state["bad_epochs"] + 1)
         done = epoch == args.epochs or state["bad_epochs"] >= args.early_stop or interrupted
-        kid_value = None
+        kid_value = None  # rank 0 only: the other ranks do not need it for any decision
         if kid_probe is not None and (epoch % args.eval_every == 0 or done):
             kid_value = kid_probe(ema)
         kid_improved = kid_value is not None and kid_value < state["best_kid"]
         if kid_improved:
             state["best_kid"] = kid_value
         improved = kid_improved if args.best_by == "kid" else loss_improved
+        improved = distributed.any_rank(improved and ctx.is_main, ctx, device)  # KID is known on rank 0 only
         state["log"].append(dict(epoch=epoch, loss=round(loss, 6), lr=opt.param_groups[0]["lr"], seconds=round(seconds, 2),
                                  images_per_s=round(n_images / seconds, 2),
                                  kid=None if kid_value is None else round(kid_value, 6)))
-        state.update(epoch=epoch, step_in_epoch=0, epoch_loss_sum=0.0, epoch_seconds=0.0)
-        print(f"epoch {epoch}/{args.epochs}  loss {loss:.4f}  lr {opt.param_groups[0]['lr']:.2e}  "
+        state.update(epoch=epoch, images_done=0, epoch_steps=0, epoch_loss_sum=0.0, epoch_seconds=0.0)
+        log(f"epoch {epoch}/{args.epochs}  loss {loss:.4f}  lr {opt.param_groups[0]['lr']:.2e}  "
               f"{seconds:.1f}s  {n_images / seconds:.1f} img/s{'' if kid_value is None else f'  KID {kid_value:.4f}'}"
               f"{'  *best*' if improved else ''}")
-        write_log(out_dir, state["log"])
-        if epoch == 1 or epoch % args.sample_every == 0 or done:
+        if ctx.is_main:
+            write_log(out_dir, state["log"])
+        if ctx.is_main and (epoch == 1 or epoch % args.sample_every == 0 or done):
             grid = generate(ema, sample_noise, mean, std, steps=args.sample_steps, seed=args.seed, precision=precision)
             save_image(grid, out_dir / f"epoch_{epoch}.png", nrow=4)
         checkpoint("last.pt")
         if improved:
             checkpoint("best.pt")
         if state["bad_epochs"] >= args.early_stop:
-            print(f"early stop: no new best loss for {args.early_stop} epochs")
+            log(f"early stop: no new best loss for {args.early_stop} epochs")
             break
         if interrupted:
-            print(f"stopped after epoch {epoch}; resume with --resume {out_dir / 'last.pt'}")
-            return
+            log(f"stopped after epoch {epoch}; resume with --resume {out_dir / 'last.pt'}")
+            return run
     best_kid = "" if kid_probe is None else f", best KID {state['best_kid']:.4f}"
-    print(f"done: {state['epoch']} epochs, best loss {state['best_loss']:.4f}{best_kid}; checkpoints in {out_dir}")
+    log(f"done: {state['epoch']} epochs, best loss {state['best_loss']:.4f}{best_kid}; checkpoints in {out_dir}")
+    return run
 
 
 def main(argv=None):
+    stop = StopRequest()
     try:
         args, resumed = resolve_args(argv)
-        stop = StopRequest()
-        try:
-            train(args, resumed, stop)
-        finally:
-            stop.restore()
+        ctx = distributed.init(args.device)
+        train(args, resumed, stop, ctx)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        stop.restore()
+        distributed.close()  # on every exit path: done, stopped, error
     return 0
 
 

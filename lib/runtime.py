@@ -15,9 +15,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 def pick_device(name="auto"):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU (try --device cpu)")
-    if name not in ("cpu", "cuda"):
+    if name != "cpu" and not name.startswith("cuda"):
         raise UserError(f"unknown device {name!r}; choose auto, cpu or cuda")
     return torch.device(name)
 
@@ -54,9 +54,11 @@ def autocast(device, precision):
 
 
 def set_threads():
-    """Use the cores this process may run on (cgroup/affinity aware), not the host's count."""
+    """Use the cores this process may run on (affinity aware), shared among the processes that
+    torchrun started on this machine, so that they do not oversubscribe the cores."""
     if hasattr(os, "sched_getaffinity"):
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // per_node))
 
 
 def keep_freed_memory():

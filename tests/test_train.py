@@ -92,7 +92,7 @@ def test_stop_mid_epoch_then_resume_equals_an_uninterrupted_run(data_root, tmp_p
     args, _ = sd_train.resolve_args(run_args(data_root, tmp_path / "split", "--epochs", "2"))
     sd_train.train(args, None, StopAfter(7))  # asked after each of 4 steps + at the end of epoch 1, then stop after step 2 of epoch 2
     state = torch.load(tmp_path / "split" / "last.pt", weights_only=True)["train"]
-    assert (state["epoch"], state["step_in_epoch"]) == (1, 2)
+    assert (state["epoch"], state["epoch_steps"], state["images_done"]) == (1, 2, 32)
     assert sd_train.main(["--resume", str(tmp_path / "split" / "last.pt")]) == 0
     assert_same_state(tmp_path / "straight" / "last.pt", tmp_path / "split" / "last.pt")
 
