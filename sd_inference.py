@@ -2,6 +2,8 @@
 
     python sd_inference.py                                   # the shipped model, models/flowers64.pt
     python sd_inference.py --checkpoint output_sd/best.pt --num-images 16 --seed 3 --save-dir samples/
+    python sd_inference.py --init-image docs/drawing.png --strength 0.6    # sketch to image (SDEdit)
+    python sd_inference.py --interpolate                     # from one noise to another, 8 frames
 
 Reads this repo's checkpoints and the original repo's model.pt / best.pt / last.pt alike.
 """
@@ -17,7 +19,8 @@ from torchvision.utils import save_image
 from lib import UserError
 from lib.checkpoint import load_model
 from lib.runtime import PRECISIONS, setup
-from lib.sample import generate, initial_noise
+from lib.data import load_image
+from lib.sample import generate, initial_noise, interpolation_noise, sketch_to_image
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "models" / "flowers64.pt"
 NON_INTERACTIVE = {"agg", "pdf", "ps", "svg", "pgf", "cairo", "template"}
@@ -27,7 +30,8 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="a checkpoint of this repo or of the original (default: models/flowers64.pt)")
-    p.add_argument("--num-images", type=int, default=8)
+    p.add_argument("--num-images", type=int, default=None,
+                   help="8; with --init-image 1 result (each from other noise); with --interpolate 8 frames")
     p.add_argument("--steps", type=int, default=20, help="DDIM sampling steps")
     p.add_argument("--eta", type=float, default=0.0, help="0: deterministic DDIM (the original); 1: DDPM-like")
     p.add_argument("--seed", type=int, default=0, help="same seed, same images")
@@ -38,31 +42,45 @@ def get_parser():
     p.add_argument("--out", default="generated.png", help="where the figure is saved")
     p.add_argument("--save-dir", default=None, help="also save each image as its own PNG here")
     p.add_argument("--no-show", action="store_true", help="never open a window")
+    p.add_argument("--init-image", default=None, help="sketch to image: start from this picture, noised to --strength")
+    p.add_argument("--strength", type=float, default=0.6, help="with --init-image: 0 keeps the picture, 1 ignores it")
+    p.add_argument("--interpolate", action="store_true", help="a strip from the noise of --seed to that of --seed + 1")
     return p
 
 
-def figure(images, title="Generated Images"):
-    """(N, 3, H, W) in [0, 1] -> a matplotlib figure, 4 images a row (2x4 for eight, as the original)."""
+def figure(images, title="Generated Images", cols=4, labels=None):
+    """(N, 3, H, W) in [0, 1] -> a matplotlib figure, `cols` images a row (2x4 for eight, as the
+    original), optional captions under each panel."""
     import matplotlib.pyplot as plt
     n = images.shape[0]
-    cols = min(n, 4)
+    cols = min(n, cols)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.5 * cols, 2.5 * rows + 0.4), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, img in zip(axes.flat, images):
+    for i, (ax, img) in enumerate(zip(axes.flat, images)):
         ax.imshow(img.permute(1, 2, 0).numpy())
+        if labels:
+            ax.set_title(labels[i % len(labels)], fontsize=9)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
 
 
 def run(args):
+    if args.init_image and args.interpolate:
+        raise UserError("--init-image and --interpolate are two different pictures: choose one")
+    if args.num_images is None:
+        args.num_images = 1 if args.init_image else 8
     for name in ("num_images", "steps", "batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.interpolate and args.num_images < 2:
+        raise UserError("--interpolate needs --num-images >= 2")
     if not 0.0 <= args.eta <= 1.0:
         raise UserError(f"--eta must be in [0, 1], got {args.eta}")
+    if args.init_image and not 0.0 < args.strength <= 1.0:
+        raise UserError(f"--strength must be in (0, 1], got {args.strength}")
     if args.checkpoint is None:
         if not DEFAULT_CHECKPOINT.is_file():
             raise UserError(f"the shipped model {DEFAULT_CHECKPOINT} is not there yet; train one with "
@@ -73,9 +91,23 @@ def run(args):
     model, ckpt = load_model(args.checkpoint, device, args.image_size)
     model = model.to(memory_format=torch.channels_last)
     size = ckpt["config"]["image_size"]
-    noise = initial_noise(args.num_images, size, args.seed)
-    images = generate(model, noise, ckpt["norm"]["mean"], ckpt["norm"]["std"], steps=args.steps, eta=args.eta,
-                      seed=args.seed, precision=precision, batch_size=args.batch_size)
+    mean, std = ckpt["norm"]["mean"], ckpt["norm"]["std"]
+    if args.init_image:
+        drawing = load_image(args.init_image, size)
+        rows = [sketch_to_image(model, drawing, mean, std, args.strength, args.steps, args.eta, args.seed + i, precision)
+                for i in range(args.num_images)]
+        images = torch.cat([r[1] for r in rows])
+        panels = torch.cat([torch.cat([drawing.float() / 255, noisy, result]) for noisy, result in rows])
+        fig_args = dict(title=f"Sketch to image (strength {args.strength})", cols=3,
+                        labels=["drawing", f"noised to t={args.strength}", "result"])
+    else:
+        noise = (interpolation_noise(size, args.seed, args.num_images) if args.interpolate
+                 else initial_noise(args.num_images, size, args.seed))
+        images = generate(model, noise, mean, std, steps=args.steps, eta=0.0 if args.interpolate else args.eta,
+                          seed=args.seed, precision=precision, batch_size=args.batch_size)
+        panels = images
+        fig_args = dict(title=f"Interpolation: seed {args.seed} to {args.seed + 1}", cols=args.num_images) \
+            if args.interpolate else {}
 
     if args.save_dir:
         save_dir = Path(args.save_dir)
@@ -85,7 +117,7 @@ def run(args):
         print(f"saved {len(images)} images of {size}x{size} to {save_dir}")
     # Headless machines get a file; a window only opens where matplotlib found a GUI backend.
     import matplotlib.pyplot as plt
-    fig = figure(images)
+    fig = figure(panels, **fig_args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

@@ -53,6 +53,22 @@ class ImageFiles(Dataset):
             return None, f"{self.paths[i]} ({type(e).__name__}: {e})"
 
 
+def load_image(path, size):
+    """One picture of any size or mode -> (1, 3, size, size) uint8; transparency over white."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                img = Image.new("RGB", rgba.size, (255, 255, 255))
+                img.paste(rgba, mask=rgba.getchannel("A"))
+            return resize_crop(size)(img.convert("RGB"))[None]
+    except FileNotFoundError:
+        raise UserError(f"image not found: {path}") from None
+    except Exception as e:
+        raise UserError(f"cannot read {path} as an image ({type(e).__name__})") from None
+
+
 def flowers102(root, transform, download=False):
     """All of Flowers102 (train + val + test = 8189 images) through torchvision."""
     try:

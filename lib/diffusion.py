@@ -51,23 +51,30 @@ def training_loss(model, x0, generator=None):
     return F.l1_loss(eps_hat.float(), eps.float())
 
 
-def ddim_sample(model, noise, steps=20, eta=0.0, generator=None):
-    """DDIM (Song et al. 2021, eq. 12) on the continuous schedule, from t=1 down to 0.
+def add_noise(x0, t, eps):
+    """The forward process: x_t = signal_rate(t) x0 + noise_rate(t) eps; t a float in [0, 1]."""
+    noise_rate, signal_rate = diffusion_schedule(torch.tensor(float(t), dtype=torch.float64))
+    return signal_rate.item() * x0 + noise_rate.item() * eps
 
-    noise: (B,C,H,W) pure Gaussian noise, the state at t=1. Each step predicts
-    eps_hat and x0_hat at t and remixes them with the rates of t - 1/steps. eta=0 is the
+
+def ddim_sample(model, noise, steps=20, eta=0.0, generator=None, t_start=1.0):
+    """DDIM (Song et al. 2021, eq. 12) on the continuous schedule, from t_start down to 0.
+
+    noise: (B,C,H,W) the state at t_start: pure Gaussian noise for t_start=1, or a noised image
+    (add_noise) for SDEdit (Meng et al. 2022). Each of the `steps` steps predicts eps_hat and
+    x0_hat at t and remixes them with the rates of t - t_start/steps. eta=0 is the
     deterministic DDIM of the original; eta=1 re-injects fresh noise with the variance of the
     DDPM posterior (Ho et al. 2020), sigma = eta * sqrt(n'^2 / n^2) * sqrt(1 - s^2 / s'^2):
         x_{t'} = s' x0_hat + sqrt(n'^2 - sigma^2) eps_hat + sigma z
-    Like the original, returns the last x0 estimate (made at t = 1/steps), not a remix at t=0.
+    Like the original, returns the last x0 estimate (made at t = t_start/steps), not a remix at t=0.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     b = noise.shape[0]
-    step_size = 1.0 / steps
+    step_size = t_start / steps
     x_t = noise
     for i in range(steps):
-        t = torch.full((b, 1, 1, 1), 1.0 - i * step_size, device=noise.device, dtype=noise.dtype)
+        t = torch.full((b, 1, 1, 1), t_start - i * step_size, device=noise.device, dtype=noise.dtype)
         noise_rate, signal_rate = diffusion_schedule(t)
         eps, x0 = denoise(model, x_t, noise_rate, signal_rate)
         if i == steps - 1:

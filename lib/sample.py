@@ -1,8 +1,8 @@
-"""Turn a trained network into pictures: fixed-seed noise -> DDIM -> images in [0, 1]."""
+"""Turn a trained network into pictures: seeded noise (or a noised drawing) -> DDIM -> images in [0, 1]."""
 import torch
 
-from lib.data import to_image_space
-from lib.diffusion import ddim_sample
+from lib.data import to_image_space, to_model_space
+from lib.diffusion import add_noise, ddim_sample
 from lib.runtime import autocast
 
 
@@ -29,3 +29,36 @@ def generate(model, noise, mean, std, steps=20, eta=0.0, seed=0, precision="fp32
             x0 = ddim_sample(model, x, steps=steps, eta=eta, generator=g)
         out.append(to_image_space(x0, mean, std).cpu())
     return torch.cat(out)
+
+
+def slerp(z0, z1, alpha):
+    """Spherical interpolation between two noise tensors (per image): Gaussian noise lives near a
+    sphere, and a straight line between two points would cut inside it (too little noise)."""
+    a, b = z0.flatten(1), z1.flatten(1)
+    theta = torch.acos((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).clamp_min(1e-7)[:, None]
+    out = (torch.sin((1 - alpha) * theta) * a + torch.sin(alpha * theta) * b) / torch.sin(theta)
+    return out.view_as(z0)
+
+
+def interpolation_noise(image_size, seed, frames):
+    """(frames, 3, S, S): the way from the noise of `seed` to that of `seed + 1` on the sphere."""
+    z0, z1 = initial_noise(1, image_size, seed), initial_noise(1, image_size, seed + 1)
+    return torch.cat([slerp(z0, z1, float(a)) for a in torch.linspace(0, 1, frames)])
+
+
+@torch.inference_mode()
+def sketch_to_image(model, images, mean, std, strength=0.6, steps=20, eta=0.0, seed=0, precision="fp32"):
+    """SDEdit (Meng et al. 2022): noise uint8 images (N, 3, S, S) to t = strength, denoise from
+    there. -> (noisy images, results), both float in [0, 1] on the CPU. strength 1 is plain
+    sampling from the same noise; near 0 the input comes back nearly unchanged. The sampler takes
+    round(strength * steps) steps, so each step spans the same time as in plain sampling."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    device = next(model.parameters()).device
+    eps = initial_noise(images.shape[0], images.shape[-1], seed)
+    x_t = add_noise(to_model_space(images, mean, std), strength, eps)
+    g = torch.Generator(device).manual_seed(seed)
+    with autocast(device, precision):
+        x0 = ddim_sample(model, x_t.to(device).contiguous(memory_format=torch.channels_last),
+                         steps=max(1, round(strength * steps)), eta=eta, generator=g, t_start=strength)
+    return to_image_space(x_t, mean, std), to_image_space(x0, mean, std).cpu()

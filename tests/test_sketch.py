@@ -1,0 +1,103 @@
+"""Sketch-to-image (SDEdit) and noise interpolation."""
+import pytest
+import torch
+from PIL import Image
+
+import sd_inference
+from conftest import TINY
+from lib.data import load_image, to_model_space
+from lib.diffusion import add_noise
+from lib.sample import generate, initial_noise, interpolation_noise, sketch_to_image, slerp
+from lib.unet import build_unet
+from test_checkpoint import tiny_checkpoint
+from test_diffusion import oracle_for
+
+MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.2]
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return build_unet(TINY).eval()
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a model and records the noise variances the sampler asks about."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.seen = model, []
+
+    def forward(self, x, noise_var):
+        self.seen.append(round(noise_var[0].item(), 6))
+        return self.model(x, noise_var)
+
+
+def test_with_a_perfect_denoiser_the_drawing_comes_back_at_any_strength():
+    drawing = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    x0 = to_model_space(drawing, MEAN, STD).double()
+
+    class Oracle(torch.nn.Module):  # sketch_to_image asks the model for its device
+        def __init__(self):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, v):
+            return oracle_for(x0)(x.double(), v.double())
+    for strength in (0.01, 0.3, 1.0):
+        _, result = sketch_to_image(Oracle(), drawing, MEAN, STD, strength=strength, steps=20)
+        torch.testing.assert_close(result, drawing.float() / 255, atol=1e-5, rtol=0)
+
+
+def test_strength_one_is_plain_sampling_of_the_noised_drawing():
+    model = tiny_model()
+    drawing = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    noisy, result = sketch_to_image(model, drawing, MEAN, STD, strength=1.0, steps=4, seed=7)
+    x1 = add_noise(to_model_space(drawing, MEAN, STD), 1.0, initial_noise(1, 32, 7))
+    torch.testing.assert_close(result, generate(model, x1, MEAN, STD, steps=4))  # same steps, same times
+    assert (noisy - drawing.float() / 255).abs().mean() > 0.2  # t=1: 2% of the drawing is left
+
+
+def test_lower_strength_starts_later_with_steps_of_the_same_length():
+    rec = Recorder(tiny_model())
+    sketch_to_image(rec, torch.zeros(1, 3, 32, 32, dtype=torch.uint8), MEAN, STD, strength=0.5, steps=20)
+    plain = Recorder(rec.model)
+    generate(plain, initial_noise(1, 32, 0), MEAN, STD, steps=20)
+    assert rec.seen == plain.seen[10:]  # the last 10 of the 20 plain steps
+
+
+def test_interpolation_endpoints_are_the_two_plain_samples():
+    model = tiny_model()
+    noise = interpolation_noise(32, seed=3, frames=5)
+    assert torch.equal(noise[0], initial_noise(1, 32, 3)[0]) and torch.equal(noise[-1], initial_noise(1, 32, 4)[0])
+    strip = generate(model, noise, MEAN, STD, steps=3)
+    torch.testing.assert_close(strip[0], generate(model, initial_noise(1, 32, 3), MEAN, STD, steps=3)[0])
+    torch.testing.assert_close(strip[-1], generate(model, initial_noise(1, 32, 4), MEAN, STD, steps=3)[0])
+    # between the ends the noise keeps a Gaussian's norm (a straight line would lose ~30% midway)
+    mid = slerp(initial_noise(1, 32, 3), initial_noise(1, 32, 4), 0.5)
+    assert mid.norm() / initial_noise(1, 32, 3).norm() == pytest.approx(1.0, abs=0.05)
+
+
+def test_any_picture_mode_and_size_loads(tmp_path):
+    Image.new("RGBA", (50, 30), (255, 0, 0, 0)).save(tmp_path / "clear.png")  # fully transparent: white
+    Image.new("L", (17, 90), 40).save(tmp_path / "gray.jpg")
+    assert load_image(tmp_path / "clear.png", 16).shape == (1, 3, 16, 16)
+    assert load_image(tmp_path / "clear.png", 16).min() == 255
+    assert load_image(tmp_path / "gray.jpg", 16).shape == (1, 3, 16, 16)
+
+
+def test_cli_sketch_and_interpolation(tmp_path, capsys):
+    tiny_checkpoint(tmp_path / "m.pt")
+    Image.new("RGBA", (70, 50), (200, 50, 80, 255)).save(tmp_path / "drawing.png")
+    ckpt = ["--checkpoint", str(tmp_path / "m.pt"), "--steps", "2", "--no-show"]
+    assert sd_inference.main(ckpt + ["--init-image", str(tmp_path / "drawing.png"), "--strength", "0.5",
+                                     "--out", str(tmp_path / "sketch.png")]) == 0
+    assert Image.open(tmp_path / "sketch.png").size[0] == 750  # drawing | noised | result
+    assert sd_inference.main(ckpt + ["--interpolate", "--num-images", "5", "--out", str(tmp_path / "strip.png")]) == 0
+    assert Image.open(tmp_path / "strip.png").size[0] == 1250  # five frames in a row
+    (tmp_path / "bad.png").write_text("not an image")
+    for extra, message in ((["--init-image", str(tmp_path / "missing.png")], "image not found"),
+                           (["--init-image", str(tmp_path / "bad.png")], "cannot read"),
+                           (["--init-image", str(tmp_path / "drawing.png"), "--strength", "0"], "--strength must be in (0, 1]")):
+        assert sd_inference.main(ckpt + extra + ["--out", str(tmp_path / "x.png")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and message in err and "\n" not in err
