@@ -57,7 +57,7 @@ def add_noise(x0, t, eps):
     return signal_rate.item() * x0 + noise_rate.item() * eps
 
 
-def ddim_sample(model, noise, steps=20, eta=0.0, generator=None, t_start=1.0):
+def ddim_sample(model, noise, steps=20, eta=0.0, generator=None, t_start=1.0, on_step=None):
     """DDIM (Song et al. 2021, eq. 12) on the continuous schedule, from t_start down to 0.
 
     noise: (B,C,H,W) the state at t_start: pure Gaussian noise for t_start=1, or a noised image
@@ -67,6 +67,7 @@ def ddim_sample(model, noise, steps=20, eta=0.0, generator=None, t_start=1.0):
     DDPM posterior (Ho et al. 2020), sigma = eta * sqrt(n'^2 / n^2) * sqrt(1 - s^2 / s'^2):
         x_{t'} = s' x0_hat + sqrt(n'^2 - sigma^2) eps_hat + sigma z
     Like the original, returns the last x0 estimate (made at t = t_start/steps), not a remix at t=0.
+    on_step(t, x_t, x0_hat), if given, sees every step (to show the process, as the notebook does).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -77,6 +78,8 @@ def ddim_sample(model, noise, steps=20, eta=0.0, generator=None, t_start=1.0):
         t = torch.full((b, 1, 1, 1), t_start - i * step_size, device=noise.device, dtype=noise.dtype)
         noise_rate, signal_rate = diffusion_schedule(t)
         eps, x0 = denoise(model, x_t, noise_rate, signal_rate)
+        if on_step is not None:
+            on_step(t.flatten()[0].item(), x_t, x0)
         if i == steps - 1:
             break
         next_noise_rate, next_signal_rate = diffusion_schedule(t - step_size)
