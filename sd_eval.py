@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from lib import UserError
+from lib import UserError, run_cli
 from lib.checkpoint import load_model
 from lib.data import load_images
 from lib.metrics import EXTRACTORS, build_extractor, extract_features, fid, kid, reference_features, to_uint8
@@ -94,13 +94,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
-    try:
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(run, get_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

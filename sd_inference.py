@@ -16,7 +16,7 @@ import matplotlib
 import torch
 from torchvision.utils import save_image
 
-from lib import UserError
+from lib import UserError, run_cli
 from lib.checkpoint import load_model
 from lib.runtime import PRECISIONS, setup
 from lib.data import load_image
@@ -128,13 +128,7 @@ def run(args):
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
-    try:
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(run, get_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

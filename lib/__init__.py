@@ -1,6 +1,17 @@
 """Library of the flowers diffusion repo: network (unet), diffusion maths (diffusion), data,
 checkpoints and runtime settings. Scripts at the top level wire them together."""
+import sys
 
 
 class UserError(Exception):
     """A problem with the user's input or files: the scripts print it as one line and exit 2."""
+
+
+def run_cli(run, args):
+    """Run a script's body: a UserError becomes one line on stderr and exit status 2."""
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
