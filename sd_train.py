@@ -190,7 +190,35 @@ def write_log(out_dir, rows):
         plt.close(fig)
 
 
-def train(args, resumed, stop, ctx=distributed.Context()):
+def decoded_images(args, cfg):
+    """The training images, decoded once: (N, 3, S, S) uint8 on the CPU."""
+    return load_images(cfg["image_size"], args.data_root, args.image_dir, args.download, args.limit,
+                       args.num_workers, args.cache_dir)
+
+
+def restore(resumed, run, sched, gen, state, args, ctx):
+    """Put a run back where its checkpoint left it (weights, optimizer, schedule, RNG, progress)."""
+    t = resumed["train"]
+    run.model.load_state_dict(t["model"])
+    run.ema.load_state_dict(resumed["ema"])
+    run.opt.load_state_dict(t["optimizer"])
+    sched.load_state_dict(t["scheduler"])
+    run.scaler.load_state_dict(t["scaler"])
+    if args.lr != t["args"]["lr"]:  # an explicit --lr on resume restarts the schedule there
+        for group in run.opt.param_groups:
+            group["lr"] = args.lr
+    torch.set_rng_state(t["rng"]["torch"])
+    gen_states = t["rng"]["device"] if isinstance(t["rng"]["device"], list) else [t["rng"]["device"]]
+    if len(gen_states) == ctx.world_size:
+        gen.set_state(gen_states[ctx.rank])
+    else:  # another process count: fresh, still reproducible, per-rank streams
+        gen.manual_seed(args.seed + ctx.rank + 1_000_003 * t["global_step"])
+    state.update({k: t.get(k, state[k]) for k in state})  # keys added later get their defaults
+    if "step_in_epoch" in t:  # checkpoints written before images_done existed
+        state.update(images_done=t["step_in_epoch"] * args.batch_size, epoch_steps=t["step_in_epoch"])
+
+
+def train(args, resumed, stop, ctx=distributed.ALONE):
     """Run (or continue) a training run; returns the Training objects. ctx: this process's place
     under torchrun (rank 0 of 1 when run alone)."""
     log = print if ctx.is_main else (lambda *a, **k: None)  # one voice: rank 0's
@@ -218,18 +246,13 @@ def train(args, resumed, stop, ctx=distributed.Context()):
     model, ema, opt, scaler = run.model, run.ema, run.opt, run.scaler
 
     log(f"loading images ({'--image-dir ' + args.image_dir if args.image_dir else 'Flowers102 from ' + args.data_root})")
-    if args.literal:
-        data = JpegBatches(cfg["image_size"], device, args.num_workers, data_root=args.data_root,
-                           image_dir=args.image_dir, download=args.download, limit=args.limit)
-    else:
-        data = DecodedBatches(load_images(cfg["image_size"], args.data_root, args.image_dir, args.download, args.limit,
-                                          args.num_workers, args.cache_dir), device)
+    data = (JpegBatches(cfg["image_size"], device, args.num_workers, data_root=args.data_root, image_dir=args.image_dir,
+                        download=args.download, limit=args.limit) if args.literal
+            else DecodedBatches(decoded_images(args, cfg), device))
     if resumed:
         mean, std = resumed["norm"]["mean"], resumed["norm"]["std"]
-    elif args.image_dir:
-        images = data.images if not args.literal else load_images(
-            cfg["image_size"], image_dir=args.image_dir, limit=args.limit, num_workers=args.num_workers)
-        mean, std = compute_stats(images.cpu())
+    elif args.image_dir:  # the user's pictures: their own statistics
+        mean, std = compute_stats(data.images.cpu() if not args.literal else decoded_images(args, cfg))
     else:
         mean, std = FLOWERS_MEAN, FLOWERS_STD
     n_images = len(data)
@@ -246,24 +269,7 @@ def train(args, resumed, stop, ctx=distributed.Context()):
     state = dict(epoch=0, images_done=0, epoch_steps=0, epoch_loss_sum=0.0, epoch_seconds=0.0, global_step=0,
                  best_loss=math.inf, best_kid=math.inf, bad_epochs=0, log=[])
     if resumed:
-        t = resumed["train"]
-        model.load_state_dict(t["model"])
-        ema.load_state_dict(resumed["ema"])
-        opt.load_state_dict(t["optimizer"])
-        sched.load_state_dict(t["scheduler"])
-        scaler.load_state_dict(t["scaler"])
-        if args.lr != t["args"]["lr"]:  # an explicit --lr on resume restarts the schedule there
-            for group in opt.param_groups:
-                group["lr"] = args.lr
-        torch.set_rng_state(t["rng"]["torch"])
-        gen_states = t["rng"]["device"] if isinstance(t["rng"]["device"], list) else [t["rng"]["device"]]
-        if len(gen_states) == ctx.world_size:
-            gen.set_state(gen_states[ctx.rank])
-        else:  # another process count: fresh, still reproducible, per-rank streams
-            gen.manual_seed(args.seed + ctx.rank + 1_000_003 * t["global_step"])
-        state.update({k: t.get(k, state[k]) for k in state})  # keys added later get their defaults
-        if "step_in_epoch" in t:  # checkpoints written before images_done existed
-            state.update(images_done=t["step_in_epoch"] * args.batch_size, epoch_steps=t["step_in_epoch"])
+        restore(resumed, run, sched, gen, state, args, ctx)
         log(f"resumed {args.resume}: epoch {state['epoch'] + 1}, {state['images_done']} images into it")
 
     out_dir = Path(args.out_dir)
@@ -274,8 +280,7 @@ def train(args, resumed, stop, ctx=distributed.Context()):
     kid_probe = None
     if args.eval_every > 0 and ctx.is_main:
         log(f"KID probe: features of the {n_images} training images (efficientnet-lite0)")
-        real = data.images.cpu() if not args.literal else load_images(
-            cfg["image_size"], args.data_root, args.image_dir, limit=args.limit, num_workers=args.num_workers)
+        real = data.images.cpu() if not args.literal else decoded_images(args, cfg)
         kid_probe = KidProbe(real, mean, std, args.eval_samples, args.eval_steps, args.seed + 1, precision, device,
                              args.cache_dir, key=f"{args.image_dir or args.data_root}|{cfg['image_size']}|{args.limit}")
 

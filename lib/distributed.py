@@ -29,10 +29,13 @@ class Context:
         return self.world_size > 1
 
 
+ALONE = Context()  # a single process
+
+
 def init(device_name):
     """-> this process's Context: one GPU per process (NCCL) or CPU processes (gloo)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Context()
+        return ALONE
     rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
     if use_cuda:
