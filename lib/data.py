@@ -25,6 +25,15 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 FLOWERS_LAYOUT = "<root>/flowers-102/jpg/image_00001.jpg ..., <root>/flowers-102/imagelabels.mat, <root>/flowers-102/setid.mat"
 
 
+def to_rgb(img):
+    """Any PIL mode -> RGB; transparent parts become white (a drawing's background), not black."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.new("RGB", rgba.size, (255, 255, 255))
+        img.paste(rgba, mask=rgba.getchannel("A"))
+    return img.convert("RGB")
+
+
 def resize_crop(size):
     """PIL image -> (3, size, size) uint8: shorter side to `size`, then the central square."""
     return T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size), T.PILToTensor()])
@@ -48,21 +57,16 @@ class ImageFiles(Dataset):
     def __getitem__(self, i):
         try:
             with Image.open(self.paths[i]) as img:
-                return self.transform(img.convert("RGB")), str(self.paths[i])
+                return self.transform(to_rgb(img)), str(self.paths[i])
         except Exception as e:  # any decoder failure: a truncated file, a text file named .jpg, ...
             return None, f"{self.paths[i]} ({type(e).__name__}: {e})"
 
 
 def load_image(path, size):
-    """One picture of any size or mode -> (1, 3, size, size) uint8; transparency over white."""
+    """One picture of any size or mode -> (1, 3, size, size) uint8 (e.g. a drawing for SDEdit)."""
     try:
         with Image.open(path) as img:
-            img.load()
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                rgba = img.convert("RGBA")
-                img = Image.new("RGB", rgba.size, (255, 255, 255))
-                img.paste(rgba, mask=rgba.getchannel("A"))
-            return resize_crop(size)(img.convert("RGB"))[None]
+            return resize_crop(size)(to_rgb(img))[None]
     except FileNotFoundError:
         raise UserError(f"image not found: {path}") from None
     except Exception as e:
