@@ -103,11 +103,10 @@ def resolve_args(argv):
 
 
 @torch.no_grad()
-def ema_update(ema, model, decay):
+def ema_update(ema_params, params, ema_buffers, buffers, decay):
     """EMA of the weights; BatchNorm statistics are copied, not averaged (as the original does)."""
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
-    for b_ema, b in zip(ema.buffers(), model.buffers()):
-        b_ema.copy_(b)
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    torch._foreach_copy_(ema_buffers, buffers)
 
 
 class Training:
@@ -128,6 +127,8 @@ class Training:
         self.opt = torch.optim.Adam(self.model.parameters(), lr=lr, fused=device.type == "cuda" and not literal)
         # Loss scaling only matters for fp16 (bf16 has fp32's exponent range); the original always scales.
         self.scaler = torch.amp.GradScaler(device.type, enabled=literal or precision == "fp16")
+        self._ema_pairs = (list(self.ema.parameters()), list(self.model.parameters()),
+                           list(self.ema.buffers()), list(self.model.buffers()))
         self.step_model = self.model
         if distributed:  # gradients averaged over processes; BatchNorm buffers follow rank 0's
             # Some 1x1 kernels get gradients in another (equally dense) stride order than their
@@ -145,7 +146,7 @@ class Training:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)
         self.scaler.update()
-        ema_update(self.ema, self.model, ema_decay)
+        ema_update(*self._ema_pairs, ema_decay)
         return loss.detach()
 
 
@@ -208,14 +209,12 @@ def restore(resumed, run, sched, gen, state, args, ctx):
         for group in run.opt.param_groups:
             group["lr"] = args.lr
     torch.set_rng_state(t["rng"]["torch"])
-    gen_states = t["rng"]["device"] if isinstance(t["rng"]["device"], list) else [t["rng"]["device"]]
+    gen_states = t["rng"]["device"]  # one per rank of the run that wrote it
     if len(gen_states) == ctx.world_size:
         gen.set_state(gen_states[ctx.rank])
     else:  # another process count: fresh, still reproducible, per-rank streams
         gen.manual_seed(args.seed + ctx.rank + 1_000_003 * t["global_step"])
-    state.update({k: t.get(k, state[k]) for k in state})  # keys added later get their defaults
-    if "step_in_epoch" in t:  # checkpoints written before images_done existed
-        state.update(images_done=t["step_in_epoch"] * args.batch_size, epoch_steps=t["step_in_epoch"])
+    state.update({k: t[k] for k in state})
 
 
 def train(args, resumed, stop, ctx=distributed.ALONE):
