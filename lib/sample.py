@@ -14,8 +14,9 @@ def initial_noise(num_images, image_size, seed):
 
 
 @torch.inference_mode()
-def generate(model, noise, mean, std, steps=20, eta=0.0, seed=0, precision="fp32", batch_size=64):
-    """noise: (N, 3, S, S) on the CPU -> (N, 3, S, S) float images in [0, 1] on the CPU.
+def generate(model, noise, mean, std, steps=20, eta=0.0, seed=0, precision="fp32", batch_size=64, t_start=1.0):
+    """noise: (N, 3, S, S) on the CPU, the state at t_start -> (N, 3, S, S) float images in
+    [0, 1] on the CPU.
 
     The model must be in eval mode (BatchNorm running statistics). Large N runs in batches.
     `seed` drives the fresh noise of eta > 0 (one generator for the whole call).
@@ -26,7 +27,7 @@ def generate(model, noise, mean, std, steps=20, eta=0.0, seed=0, precision="fp32
     for chunk in noise.split(batch_size):
         x = chunk.to(device).contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
-            x0 = ddim_sample(model, x, steps=steps, eta=eta, generator=g)
+            x0 = ddim_sample(model, x, steps=steps, eta=eta, generator=g, t_start=t_start)
         out.append(to_image_space(x0, mean, std).cpu())
     return torch.cat(out)
 
@@ -54,11 +55,8 @@ def sketch_to_image(model, images, mean, std, strength=0.6, steps=20, eta=0.0, s
     round(strength * steps) steps, so each step spans the same time as in plain sampling."""
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
-    device = next(model.parameters()).device
     eps = initial_noise(images.shape[0], images.shape[-1], seed)
     x_t = add_noise(to_model_space(images, mean, std), strength, eps)
-    g = torch.Generator(device).manual_seed(seed)
-    with autocast(device, precision):
-        x0 = ddim_sample(model, x_t.to(device).contiguous(memory_format=torch.channels_last),
-                         steps=max(1, round(strength * steps)), eta=eta, generator=g, t_start=strength)
-    return to_image_space(x_t, mean, std), to_image_space(x0, mean, std).cpu()
+    results = generate(model, x_t, mean, std, steps=max(1, round(strength * steps)), eta=eta, seed=seed,
+                       precision=precision, t_start=strength)
+    return to_image_space(x_t, mean, std), results
