@@ -31,7 +31,7 @@ def get_parser():
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's (needed with --samples-dir)")
+    p.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's; 64 with --samples-dir or --floor alone")
     p.add_argument("--floor", action="store_true", help="also score N held-out real images against the rest")
     p.add_argument("--data-root", default="data", help="folder that holds flowers-102/")
     p.add_argument("--image-dir", default=None, help="real images from this folder instead of Flowers102")
@@ -57,10 +57,15 @@ def score(name, real, fake, args):
 
 
 def run(args):
-    if (args.checkpoint is None) == (args.samples_dir is None) and not args.floor:
+    if args.checkpoint and args.samples_dir:
+        raise UserError("--checkpoint and --samples-dir are two things to score: choose one")
+    if args.checkpoint is None and args.samples_dir is None and not args.floor:
         raise UserError("give --checkpoint or --samples-dir (or --floor alone)")
-    if args.num_samples < 2:
-        raise UserError("--num-samples must be >= 2")
+    for name, low in (("num_samples", 2), ("steps", 1), ("batch_size", 1), ("kid_subsets", 1), ("kid_subset_size", 2)):
+        if getattr(args, name) < low:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {low}")
+    if not 0.0 <= args.eta <= 1.0:
+        raise UserError(f"--eta must be in [0, 1], got {args.eta}")
     device, precision = setup(args.device, args.precision)
     t0 = time.perf_counter()
     model = ckpt = fake = None
@@ -75,8 +80,7 @@ def run(args):
         size = args.image_size or 64
     real = load_images(size, args.data_root, args.image_dir, num_workers=2, cache_dir=args.cache_dir)
     extractor = build_extractor(args.extractor, args.inception_weights)
-    key = f"{args.image_dir or args.data_root}|{size}|center-crop|{len(real)}"
-    real_features = reference_features(extractor, real, args.cache_dir, key, device)
+    real_features = reference_features(extractor, real, args.cache_dir, device)
     print(f"real: {len(real)} images at {size} px, features [{args.extractor}] in {time.perf_counter() - t0:.0f}s")
     if model is not None:
         t1 = time.perf_counter()

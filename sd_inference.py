@@ -43,7 +43,7 @@ def get_parser():
     p.add_argument("--save-dir", default=None, help="also save each image as its own PNG here")
     p.add_argument("--no-show", action="store_true", help="never open a window")
     p.add_argument("--init-image", default=None, help="sketch to image: start from this picture, noised to --strength")
-    p.add_argument("--strength", type=float, default=0.6, help="with --init-image: 0 keeps the picture, 1 ignores it")
+    p.add_argument("--strength", type=float, default=0.6, help="with --init-image, in (0, 1]: near 0 keeps the picture, 1 ignores it")
     p.add_argument("--interpolate", action="store_true", help="a strip from the noise of --seed to that of --seed + 1")
     return p
 
@@ -81,6 +81,14 @@ def run(args):
         raise UserError(f"--eta must be in [0, 1], got {args.eta}")
     if args.init_image and not 0.0 < args.strength <= 1.0:
         raise UserError(f"--strength must be in (0, 1], got {args.strength}")
+    from matplotlib.backend_bases import FigureCanvasBase
+    out = Path(args.out)
+    if out.suffix and out.suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():
+        raise UserError(f"--out {out}: matplotlib cannot write {out.suffix} files (use .png, .jpg, .pdf or .svg)")
+    # Folders first: an unwritable place fails now, not after minutes of sampling.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.save_dir:
+        Path(args.save_dir).mkdir(parents=True, exist_ok=True)
     if args.checkpoint is None:
         if not DEFAULT_CHECKPOINT.is_file():
             raise UserError(f"the shipped model {DEFAULT_CHECKPOINT} is not there yet; train one with "
@@ -111,15 +119,12 @@ def run(args):
 
     if args.save_dir:
         save_dir = Path(args.save_dir)
-        save_dir.mkdir(parents=True, exist_ok=True)
         for i, img in enumerate(images):
             save_image(img, save_dir / f"sample_{args.seed}_{i:04d}.png")
         print(f"saved {len(images)} images of {size}x{size} to {save_dir}")
     # Headless machines get a file; a window only opens where matplotlib found a GUI backend.
     import matplotlib.pyplot as plt
     fig = figure(panels, **fig_args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     print(f"saved the figure to {out}")
     if not args.no_show and matplotlib.get_backend().lower() not in NON_INTERACTIVE:

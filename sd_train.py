@@ -12,6 +12,7 @@ import argparse
 import copy
 import csv
 import math
+import os
 import signal
 import sys
 import time
@@ -60,6 +61,8 @@ def get_parser():
     p.add_argument("--early-stop", type=int, default=100, help="stop after this many epochs without a new best loss")
     # outputs
     p.add_argument("--out-dir", default="output_sd")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow replacing the checkpoints of another (or a further advanced) run in --out-dir")
     p.add_argument("--sample-every", type=int, default=10, help="write a sample grid every N epochs (and at 1 and the last)")
     p.add_argument("--num-samples", type=int, default=8)
     p.add_argument("--sample-steps", type=int, default=20)
@@ -208,13 +211,40 @@ def restore(resumed, run, sched, gen, state, args, ctx):
     if args.lr != t["args"]["lr"]:  # an explicit --lr on resume restarts the schedule there
         for group in run.opt.param_groups:
             group["lr"] = args.lr
+    # The schedule's own settings come from the flags (the saved ones unless overridden now).
+    sched.factor, sched.patience = args.lr_factor, args.lr_patience
+    sched.min_lrs = [args.min_lr] * len(sched.min_lrs)
     torch.set_rng_state(t["rng"]["torch"])
     gen_states = t["rng"]["device"]  # one per rank of the run that wrote it
-    if len(gen_states) == ctx.world_size:
+    if len(gen_states) == ctx.world_size and gen_states[ctx.rank].shape == gen.get_state().shape:
         gen.set_state(gen_states[ctx.rank])
-    else:  # another process count: fresh, still reproducible, per-rank streams
-        gen.manual_seed(args.seed + ctx.rank + 1_000_003 * t["global_step"])
+    else:  # another process count or device type (CPU and CUDA generator states differ):
+        gen.manual_seed(args.seed + ctx.rank + 1_000_003 * t["global_step"])  # fresh, reproducible streams
     state.update({k: t[k] for k in state})
+
+
+def check_out_dir(args, resumed):
+    """Refuse, before any heavy work, to write where it would destroy another run's checkpoints
+    (a new run in a used folder, or an older state resumed over a newer last.pt)."""
+    out_dir = Path(args.out_dir)
+    last = out_dir / "last.pt"
+    if not args.overwrite and last.is_file():
+        if resumed is None:
+            raise UserError(f"{out_dir} holds a run already (last.pt): continue it with --resume {last}, "
+                            "choose another --out-dir, or pass --overwrite")
+        if not last.samefile(args.resume):
+            newer = read_checkpoint(last).get("train", {}).get("global_step", 0)
+            if newer > resumed["train"]["global_step"]:
+                raise UserError(f"{last} is further along (step {newer}) than {args.resume} (step "
+                                f"{resumed['train']['global_step']}) and would be replaced: choose another "
+                                "--out-dir, or pass --overwrite")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out-dir {out_dir}: {e.strerror}") from None
+    if not os.access(out_dir, os.W_OK):
+        raise UserError(f"--out-dir {out_dir} is not writable")
+    return out_dir
 
 
 def train(args, resumed, stop, ctx=distributed.ALONE):
@@ -238,8 +268,11 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
     for name in ("epochs", "batch_size", "sample_every", "num_samples", "sample_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.num_workers < 0:
+        raise UserError("--num-workers must be >= 0")
     if args.sync_bn and ctx.active and device.type != "cuda":
         raise UserError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm does not run on CPU processes)")
+    out_dir = check_out_dir(args, resumed)
     run = Training(cfg, device, precision, args.lr, literal=args.literal, compile=args.compile,
                    distributed=ctx.active, sync_bn=args.sync_bn and ctx.active)
     model, ema, opt, scaler = run.model, run.ema, run.opt, run.scaler
@@ -271,8 +304,6 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
         restore(resumed, run, sched, gen, state, args, ctx)
         log(f"resumed {args.resume}: epoch {state['epoch'] + 1}, {state['images_done']} images into it")
 
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     sample_noise = initial_noise(args.num_samples, cfg["image_size"], args.seed)
     if args.best_by == "kid" and args.eval_every < 1:
         raise UserError("--best-by kid needs --eval-every N")
@@ -281,7 +312,7 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
         log(f"KID probe: features of the {n_images} training images (efficientnet-lite0)")
         real = data.images.cpu() if not args.literal else decoded_images(args, cfg)
         kid_probe = KidProbe(real, mean, std, args.eval_samples, args.eval_steps, args.seed + 1, precision, device,
-                             args.cache_dir, key=f"{args.image_dir or args.data_root}|{cfg['image_size']}|{args.limit}")
+                             args.cache_dir)
 
     def checkpoint(name):
         """Collective (every rank's RNG state is gathered); rank 0 writes."""
@@ -336,9 +367,10 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
         # The LR schedule and early stopping follow the loss (as the original); best.pt follows --best-by.
         loss_improved = loss < state["best_loss"]
         state["best_loss"], state["bad_epochs"] = (loss, 0) if loss_improved else (state["best_loss"], state["bad_epochs"] + 1)
-        done = epoch == args.epochs or state["bad_epochs"] >= args.early_stop or interrupted
+        # A stop request skips the KID and the grid: last.pt first, before a scheduler's grace period ends.
+        final = (epoch == args.epochs or state["bad_epochs"] >= args.early_stop) and not interrupted
         kid_value = None  # rank 0 only: the other ranks do not need it for any decision
-        if kid_probe is not None and (epoch % args.eval_every == 0 or done):
+        if kid_probe is not None and not interrupted and (epoch % args.eval_every == 0 or final):
             kid_value = kid_probe(ema)
         kid_improved = kid_value is not None and kid_value < state["best_kid"]
         if kid_improved:
@@ -354,7 +386,7 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
               f"{'  *best*' if improved else ''}")
         if ctx.is_main:
             write_log(out_dir, state["log"])
-        if ctx.is_main and (epoch == 1 or epoch % args.sample_every == 0 or done):
+        if ctx.is_main and not interrupted and (epoch == 1 or epoch % args.sample_every == 0 or final):
             grid = generate(ema, sample_noise, mean, std, steps=args.sample_steps, seed=args.seed, precision=precision)
             save_image(grid, out_dir / f"epoch_{epoch}.png", nrow=4)
         checkpoint("last.pt")
@@ -377,7 +409,7 @@ def main(argv=None):
         args, resumed = resolve_args(argv)
         ctx = distributed.init(args.device)
         train(args, resumed, stop, ctx)
-    except UserError as e:
+    except (UserError, OSError) as e:  # OSError: a file that cannot be read or written
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

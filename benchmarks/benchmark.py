@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lib import UserError, run_cli  # noqa: E402
 from lib.data import (FLOWERS_MEAN, FLOWERS_STD, DecodedBatches, JpegBatches, epoch_order, load_images,  # noqa: E402
                       to_model_space)
 from lib.diffusion import ddim_sample  # noqa: E402
-from lib.runtime import setup  # noqa: E402
+from lib.runtime import PRECISIONS, setup  # noqa: E402
 from lib.sample import generate, initial_noise  # noqa: E402
-from lib.unet import model_config  # noqa: E402
+from lib.unet import PRESETS, model_config  # noqa: E402
 from sd_train import Training  # noqa: E402
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by a name fragment.
@@ -178,9 +179,9 @@ def bench_preset(preset, args, device, precision):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-root", default="data", help="folder that holds flowers-102/")
-    p.add_argument("--presets", nargs="+", default=["flowers64", "sd128"])
+    p.add_argument("--presets", nargs="+", default=["flowers64", "sd128"], choices=sorted(PRESETS))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default="auto", help="the fast path's precision")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="the fast path's precision")
     p.add_argument("--batch", type=int, default=None, help="default: 64 (GPU or flowers64), 8 (sd128 on CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps a round (default 20; sd128 on CPU 4)")
     p.add_argument("--warmup", type=int, default=2)
@@ -188,7 +189,15 @@ def main(argv=None):
     p.add_argument("--sample-images", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=4, help="the literal loader's processes (the original: 4)")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path")
-    args = p.parse_args(argv)
+    return run_cli(run, p.parse_args(argv))
+
+
+def run(args):
+    for name in ("batch", "steps", "sample_images"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.rounds < 1 or args.warmup < 0 or args.num_workers < 0:
+        raise UserError("--rounds must be >= 1, --warmup and --num-workers >= 0")
     device, precision = setup(args.device, args.precision)
     print(f"machine: {machine(device)}", file=sys.stderr)
     rows = [row for preset in args.presets for row in bench_preset(preset, args, device, precision)]
@@ -204,4 +213,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

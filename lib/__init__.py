@@ -8,10 +8,11 @@ class UserError(Exception):
 
 
 def run_cli(run, args):
-    """Run a script's body: a UserError becomes one line on stderr and exit status 2."""
+    """Run a script's body: a UserError, or a file that cannot be read or written (OSError: no
+    permission, disk full), becomes one line on stderr and exit status 2."""
     try:
         run(args)
-    except UserError as e:
+    except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -45,10 +45,10 @@ class ImageFiles(Dataset):
     def __init__(self, folder, transform):
         folder = Path(folder)
         if not folder.is_dir():
-            raise UserError(f"--image-dir {folder} is not a folder")
+            raise UserError(f"{folder} is not a folder")
         self.paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not self.paths:
-            raise UserError(f"--image-dir {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            raise UserError(f"the folder {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         self.transform = transform
 
     def __len__(self):

@@ -152,11 +152,14 @@ def fid(real, fake):
     return frechet_distance(*gaussian_stats(real), *gaussian_stats(fake))
 
 
-def reference_features(extractor, images, cache_dir, key, device="cpu"):
-    """Features of the real images, cached in a file named by data set, size and extractor."""
+def reference_features(extractor, images, cache_dir, device="cpu"):
+    """Features of the real uint8 images (N, 3, S, S), cached in a file named by the extractor and
+    a hash of the pixels themselves: changed images can never be scored with stale features."""
     path = None
     if cache_dir is not None:
-        digest = hashlib.sha1(f"{key}|{extractor.name}".encode()).hexdigest()[:16]
+        digest = hashlib.sha1(images.contiguous().numpy())
+        digest.update(f"{tuple(images.shape)}|{extractor.name}".encode())
+        digest = digest.hexdigest()[:16]
         path = Path(cache_dir) / f"features-{extractor.name}-{digest}.pt"
         if path.is_file():
             return torch.load(path, weights_only=True)
@@ -171,11 +174,11 @@ class KidProbe:
     every time, sampled with few steps, scored against the training images' features."""
 
     def __init__(self, real_images, mean, std, num_samples=500, steps=5, seed=0, precision="fp32",
-                 device="cpu", cache_dir=None, key=None):
+                 device="cpu", cache_dir=None):
         self.extractor = EfficientNetLite0()
         self.device, self.precision, self.steps, self.seed = device, precision, steps, seed
         self.mean, self.std = mean, std
-        self.real = reference_features(self.extractor, real_images, cache_dir, key, device)
+        self.real = reference_features(self.extractor, real_images, cache_dir, device)
         self.noise = initial_noise(num_samples, real_images.shape[-1], seed)
 
     def __call__(self, model):

@@ -19,10 +19,13 @@ def generate(model, noise, mean, std, steps=20, eta=0.0, seed=0, precision="fp32
     [0, 1] on the CPU.
 
     The model must be in eval mode (BatchNorm running statistics). Large N runs in batches.
-    `seed` drives the fresh noise of eta > 0 (one generator for the whole call).
+    `seed` drives the fresh noise of eta > 0: one generator for the whole call, on the model's
+    device, seeded apart from initial_noise's stream (else its first draw would repeat the
+    starting noise). With eta > 0 the images therefore also depend on the device and batch_size.
     """
     device = next(model.parameters()).device
-    g = torch.Generator(device).manual_seed(seed)
+    # An offset far from any seed people use (the CPU generator keeps only the low 32 bits).
+    g = torch.Generator(device).manual_seed((seed + 0x9E3779B9) % 2**32)
     out = []
     for chunk in noise.split(batch_size):
         x = chunk.to(device).contiguous(memory_format=torch.channels_last)
@@ -52,7 +55,7 @@ def sketch_to_image(model, images, mean, std, strength=0.6, steps=20, eta=0.0, s
     """SDEdit (Meng et al. 2022): noise uint8 images (N, 3, S, S) to t = strength, denoise from
     there. -> (noisy images, results), both float in [0, 1] on the CPU. strength 1 is plain
     sampling from the same noise; near 0 the input comes back nearly unchanged. The sampler takes
-    round(strength * steps) steps, so each step spans the same time as in plain sampling."""
+    round(strength * steps) steps, so the steps are about as long as in plain sampling."""
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     eps = initial_noise(images.shape[0], images.shape[-1], seed)

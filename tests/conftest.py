@@ -1,4 +1,6 @@
-"""Shared test helpers. Tests run on the CPU; those that need Flowers102 use ../shared/data."""
+"""Shared test helpers. Tests run on the CPU; those that need Flowers102 read it from
+$FLOWERS_ROOT (a folder holding flowers-102/), by default ../shared/data beside the repo."""
+import os
 from pathlib import Path
 
 import pytest
@@ -8,7 +10,7 @@ from lib.data import FLOWERS_MEAN, FLOWERS_STD, to_model_space
 from sd_train import Training
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA_ROOT = ROOT.parent / "shared" / "data"
+DATA_ROOT = Path(os.environ.get("FLOWERS_ROOT", ROOT.parent / "shared" / "data"))
 # A network small enough to train for a few hundred steps inside a test (32x32, 2 levels).
 TINY = dict(image_size=32, widths=[16, 32, 64], embedding_dim=16, block_depth=1)
 
@@ -16,7 +18,7 @@ TINY = dict(image_size=32, widths=[16, 32, 64], embedding_dim=16, block_depth=1)
 @pytest.fixture
 def data_root():
     if not (DATA_ROOT / "flowers-102" / "imagelabels.mat").is_file():
-        pytest.skip(f"Flowers102 is not at {DATA_ROOT}")
+        pytest.skip(f"Flowers102 is not at {DATA_ROOT} (set FLOWERS_ROOT to the folder that holds flowers-102/)")
     return DATA_ROOT
 
 

@@ -88,3 +88,22 @@ def oracle_loss_is_zero(x0):
 def test_steps_must_be_positive():
     with pytest.raises(ValueError):
         ddim_sample(lambda x, v: x, torch.zeros(1, 3, 4, 4), steps=0)
+
+
+def test_ddim_eta1_step_is_the_ddpm_posterior():
+    """With eta=1 and a perfect predictor, x_{t'} | x_t is the DDPM posterior q(x_{t'} | x_t, x0)
+    (Ho et al. 2020, eq. 6-7): check its mean and standard deviation over many draws."""
+    x0 = torch.full((20000, 1, 1, 1), 0.7, dtype=torch.float64)
+    x1 = torch.full_like(x0, -0.3)  # one state at t=1, copied: the spread comes from the fresh noise
+    seen = {}
+    ddim_sample(oracle_for(x0), x1, steps=2, eta=1.0, generator=torch.Generator().manual_seed(0),
+                on_step=lambda t, x_t, x0_hat: seen.setdefault(t, x_t))
+    x_half = seen[0.5]
+    n1, s1 = diffusion_schedule(torch.tensor(1.0, dtype=torch.float64))
+    n2, s2 = diffusion_schedule(torch.tensor(0.5, dtype=torch.float64))
+    abar1, abar2 = s1**2, s2**2
+    alpha, beta = abar1 / abar2, 1 - abar1 / abar2
+    mean = abar2.sqrt() * beta / (1 - abar1) * 0.7 + alpha.sqrt() * (1 - abar2) / (1 - abar1) * -0.3
+    std = ((1 - abar2) / (1 - abar1) * beta).sqrt()
+    assert x_half.mean().item() == pytest.approx(mean.item(), abs=4 * std.item() / math.sqrt(20000))
+    assert x_half.std().item() == pytest.approx(std.item(), rel=0.03)

@@ -24,7 +24,7 @@ def test_same_seed_same_images_other_seed_other_images(tmp_path):
     def sample(seed, name):
         d = tmp_path / name
         sd_inference.main(["--checkpoint", str(tmp_path / "m.pt"), "--steps", "2", "--num-images", "3",
-                           "--seed", str(seed), "--out", str(tmp_path / f"{name}.png"), "--save-dir", str(d)])
+                           "--seed", str(seed), "--out", str(tmp_path / f"{name}.png"), "--save-dir", str(d), "--no-show"])
         return [Image.open(f).tobytes() for f in sorted(d.glob("*.png"))]
     assert sample(1, "a") == sample(1, "b")
     assert sample(1, "a") != sample(2, "c")
@@ -34,7 +34,7 @@ def test_loads_an_original_checkpoint(tmp_path):
     model = build_unet(model_config("flowers64"))
     torch.save(original_layout(model), tmp_path / "model.pt")
     assert sd_inference.main(["--checkpoint", str(tmp_path / "model.pt"), "--image-size", "16", "--steps", "1",
-                              "--num-images", "2", "--out", str(tmp_path / "f.png"), "--save-dir", str(tmp_path / "i")]) == 0
+                              "--num-images", "2", "--out", str(tmp_path / "f.png"), "--save-dir", str(tmp_path / "i"), "--no-show"]) == 0
     assert Image.open(next((tmp_path / "i").glob("*.png"))).size == (16, 16)
 
 
@@ -61,3 +61,12 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, argv, message):
     assert sd_inference.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and "\n" not in err, err
+
+
+def test_bad_output_paths_fail_before_sampling(tmp_path, capsys):
+    tiny_checkpoint(tmp_path / "m.pt")
+    (tmp_path / "file").write_text("a file, not a folder")
+    for out, message in ((tmp_path / "f.xyz", "cannot write .xyz"), (tmp_path / "file" / "f.png", "error:")):
+        assert sd_inference.main(["--checkpoint", str(tmp_path / "m.pt"), "--out", str(out), "--no-show"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and message in err and "\n" not in err, err

@@ -25,6 +25,19 @@ def test_kid_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
     assert shifted > 0.5 and far > 5 * shifted
 
 
+def test_kid_matches_torch_fidelity_on_whole_sets():
+    """Same unbiased estimator as torch-fidelity's (the reference KID code): with one subset of
+    all samples the random draw is only a permutation, so both must agree to float precision."""
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(300, 64, generator=g, dtype=torch.float64)
+    fake = 0.8 * torch.randn(300, 64, generator=g, dtype=torch.float64) + 0.1
+    ours, _ = kid(real, fake, num_subsets=1, subset_size=300)
+    ref = kid_features_to_metric(real, fake, kid_subsets=1, kid_subset_size=300, verbose=False, rng_seed=0)
+    assert ours == pytest.approx(ref["kernel_inception_distance_mean"], rel=1e-9)
+    assert ours > 0.01  # the two sets differ: a real test of the cross term
+
+
 def test_frechet_distance_matches_the_closed_form():
     # Diagonal covariances: ||mu1 - mu2||^2 + sum (s1 - s2)^2 with s the standard deviations.
     mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
@@ -99,6 +112,13 @@ def test_eval_cli_end_to_end(tmp_path, capsys):
 def test_eval_cli_bad_inputs(tmp_path, capsys):
     assert sd_eval.main(["--num-samples", "8"]) == 2
     assert "give --checkpoint or --samples-dir" in capsys.readouterr().err
+    tiny_checkpoint(tmp_path / "m.pt")
+    for extra, message in ((["--eta", "2"], "--eta must be in [0, 1]"), (["--steps", "0"], "--steps must be >= 1"),
+                           (["--kid-subsets", "0"], "--kid-subsets must be >= 1"),
+                           (["--samples-dir", str(tmp_path)], "choose one")):
+        assert sd_eval.main(["--checkpoint", str(tmp_path / "m.pt"), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and message in err and "\n" not in err, err
     assert sd_eval.main(["--checkpoint", str(tmp_path / "nope.pt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
 

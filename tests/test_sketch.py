@@ -101,3 +101,30 @@ def test_cli_sketch_and_interpolation(tmp_path, capsys):
         assert sd_inference.main(ckpt + extra + ["--out", str(tmp_path / "x.png")]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and message in err and "\n" not in err
+
+
+class ZeroNoisePredictor(torch.nn.Module):
+    """Predicts eps = 0, so x0_hat = x_t / signal_rate: the sampler's fresh noise shows in the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # generate() reads the device from it
+
+    def forward(self, x, noise_var):
+        return torch.zeros_like(x)
+
+
+def test_fresh_noise_of_eta_is_not_the_starting_noise():
+    """generate(eta=1) must not draw its fresh noise from the stream that made the starting noise
+    (same seed, same generator: the first draw would repeat it)."""
+    from lib.diffusion import diffusion_schedule
+    start = torch.full((4, 3, 16, 16), 0.5)
+    out = generate(ZeroNoisePredictor(), start, [0.0] * 3, [1.0] * 3, steps=2, eta=1.0, seed=7, t_start=0.06)
+    # Two steps from t=0.06: x_0.03 = (s2/s) x_0.06 + sigma z; the output is x_0.03 / s2 (z std 0.16 there).
+    (n, s), (n2, s2) = diffusion_schedule(torch.tensor(0.06)), diffusion_schedule(torch.tensor(0.03))
+    sigma = (n2 / n) * torch.sqrt(1 - (s / s2) ** 2)
+    z = (out - start / s) * s2 / sigma
+    inside = (out > 0) & (out < 1)  # the images are clamped to [0, 1]
+    assert inside.float().mean() > 0.99
+    assert abs(z[inside].std().item() - 1) < 0.1  # it is the fresh standard noise
+    assert torch.corrcoef(torch.stack([z[inside], initial_noise(4, 16, 7)[inside]]))[0, 1].abs() < 0.1

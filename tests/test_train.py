@@ -1,4 +1,5 @@
 import csv
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,11 +27,10 @@ def assert_same_state(path_a, path_b):
         assert torch.equal(a["ema"][k], b["ema"][k]), k
     for k in a["train"]["model"]:
         assert torch.equal(a["train"]["model"][k], b["train"]["model"][k]), k
-    for sa, sb in zip(a["train"]["optimizer"]["state"].values(), b["train"]["optimizer"]["state"].values()):
+    for sa, sb in zip(a["train"]["optimizer"]["state"].values(), b["train"]["optimizer"]["state"].values(), strict=True):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
-    for k in ("epoch", "global_step", "best_loss", "bad_epochs", "log"):
-        if k != "log":
-            assert a["train"][k] == b["train"][k], k
+    for k in ("epoch", "global_step", "best_loss", "bad_epochs"):
+        assert a["train"][k] == b["train"][k], k
     assert [r["loss"] for r in a["train"]["log"]] == [r["loss"] for r in b["train"]["log"]]
 
 
@@ -95,6 +95,37 @@ def test_stop_mid_epoch_then_resume_equals_an_uninterrupted_run(data_root, tmp_p
     assert (state["epoch"], state["epoch_steps"], state["images_done"]) == (1, 2, 32)
     assert sd_train.main(["--resume", str(tmp_path / "split" / "last.pt")]) == 0
     assert_same_state(tmp_path / "straight" / "last.pt", tmp_path / "split" / "last.pt")
+
+
+def test_stop_at_an_epoch_end_saves_without_sampling_first(data_root, tmp_path):
+    args, _ = sd_train.resolve_args(run_args(data_root, tmp_path, "--epochs", "2"))
+    sd_train.train(args, None, StopAfter(5))  # asked after each of the 4 steps, then at the end of epoch 1
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["train"]["epoch"] == 1
+    assert not (tmp_path / "epoch_1.png").exists()  # the grid (and a KID) would delay last.pt
+
+
+def test_resume_guards_and_overrides(data_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert sd_train.main(run_args(data_root, run, "--epochs", "1")) == 0
+    # a new run in a used folder would replace its checkpoints: refused, naming the way out
+    assert sd_train.main(run_args(data_root, run, "--epochs", "1")) == 2
+    assert "--resume" in capsys.readouterr().err
+    old = tmp_path / "old.pt"
+    shutil.copy(run / "last.pt", old)
+    # flags given on resume override the saved ones, the LR schedule's included
+    assert sd_train.main(["--resume", str(run / "last.pt"), "--epochs", "2", "--lr-patience", "3",
+                          "--lr-factor", "0.25"]) == 0
+    sched = torch.load(run / "last.pt", weights_only=True)["train"]["scheduler"]
+    assert (sched["patience"], sched["factor"]) == (3, 0.25)
+    # the older state resumed into the folder would replace the newer last.pt: refused
+    assert sd_train.main(["--resume", str(old), "--epochs", "2"]) == 2
+    assert "further along" in capsys.readouterr().err
+    # a generator state of another device type (a CUDA run resumed on a CPU) gets fresh streams
+    ckpt = torch.load(old, weights_only=True)
+    ckpt["train"]["rng"]["device"] = [torch.zeros(16, dtype=torch.uint8)]  # the size of a CUDA state
+    torch.save(ckpt, old)
+    assert sd_train.main(["--resume", str(old), "--epochs", "2", "--overwrite"]) == 0
+    assert torch.load(run / "last.pt", weights_only=True)["train"]["epoch"] == 2
 
 
 def test_sigterm_saves_last_and_exits_cleanly(data_root, tmp_path):
