@@ -15,6 +15,13 @@ DATA_ROOT = Path(os.environ.get("FLOWERS_ROOT", ROOT.parent / "shared" / "data")
 TINY = dict(image_size=32, widths=[16, 32, 64], embedding_dim=16, block_depth=1)
 
 
+def run_args(data_root, out_dir, *extra, batch_size=16):
+    """sd_train.py flags for a seconds-long run: 64 real flowers at 32 px, 2-image grids."""
+    return ["--preset", "flowers64", "--image-size", "32", "--data-root", str(data_root), "--limit", "64",
+            "--batch-size", str(batch_size), "--num-workers", "0", "--flip", "--sample-every", "100",
+            "--num-samples", "2", "--sample-steps", "2", "--out-dir", str(out_dir), *extra]
+
+
 @pytest.fixture
 def data_root():
     if not (DATA_ROOT / "flowers-102" / "imagelabels.mat").is_file():

@@ -6,6 +6,7 @@ import torch
 import torch.multiprocessing as mp
 
 import sd_train
+from conftest import run_args
 from lib import distributed
 from lib.checkpoint import load_model
 
@@ -35,12 +36,6 @@ def spawn(argv, out, world_size=2):
     mp.spawn(worker, args=(world_size, free_port(), argv, str(out)), nprocs=world_size, join=True)
 
 
-def run_args(data_root, out_dir, *extra):
-    return ["--preset", "flowers64", "--image-size", "32", "--data-root", str(data_root), "--limit", "64",
-            "--batch-size", "8", "--num-workers", "0", "--num-samples", "2", "--sample-steps", "2",
-            "--flip", "--out-dir", str(out_dir), *extra]
-
-
 def test_shards_are_disjoint_and_cover_each_global_batch():
     order = torch.randperm(50, generator=torch.Generator().manual_seed(0))
     ranks = [distributed.shard(order, 8, distributed.Context(r, 2)) for r in range(2)]
@@ -55,7 +50,7 @@ def test_shards_are_disjoint_and_cover_each_global_batch():
 
 def test_two_process_run_then_resume(data_root, tmp_path):
     out = tmp_path / "run"
-    spawn(run_args(data_root, out, "--epochs", "2"), tmp_path)
+    spawn(run_args(data_root, out, "--epochs", "2", batch_size=8), tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     for part in ("model", "ema"):
         for k, v in r0[part].items():

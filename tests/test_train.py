@@ -9,15 +9,9 @@ import pytest
 import torch
 
 import sd_train
-from conftest import ROOT, loss_curve
+from conftest import ROOT, loss_curve, run_args
 from lib.data import FLOWERS_MEAN, load_images
 from lib.runtime import pick_precision
-
-
-def run_args(data_root, out_dir, *extra):
-    return ["--preset", "flowers64", "--image-size", "32", "--data-root", str(data_root), "--limit", "64",
-            "--batch-size", "16", "--num-workers", "0", "--flip", "--sample-every", "100", "--num-samples", "2",
-            "--sample-steps", "2", "--out-dir", str(out_dir), *extra]
 
 
 def assert_same_state(path_a, path_b):

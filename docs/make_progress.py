@@ -1,0 +1,42 @@
+"""Lay the epoch grids of a training run side by side, in one row: docs/progress.png.
+
+    python docs/make_progress.py runs/flowers64 --epochs 1 10 50 100 170
+
+sd_train.py writes epoch_N.png (8 samples from the same fixed noise) at epoch 1, every
+--sample-every epochs and at the end, so the panels differ only by how long the model trained.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("run_dir", help="the --out-dir of a training run")
+    p.add_argument("--epochs", type=int, nargs="+", required=True)
+    p.add_argument("--out", default=str(Path(__file__).with_name("progress.png")))
+    args = p.parse_args(argv)
+    paths = [Path(args.run_dir) / f"epoch_{e}.png" for e in args.epochs]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        print(f"error: no such grid: {', '.join(missing)}", file=sys.stderr)
+        return 2
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(paths), figsize=(2.9 * len(paths), 1.9), squeeze=False)
+    for ax, epoch, path in zip(axes[0], args.epochs, paths, strict=True):
+        ax.imshow(Image.open(path).convert("RGB"))
+        ax.set_title(f"epoch {epoch}", fontsize=11)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=100)
+    print(f"saved {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
