@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from lib import UserError, distributed
+from lib import UserError, distributed, run_cli
 from lib.checkpoint import atomic_save, make_checkpoint, read_checkpoint
 from lib.data import (FLOWERS_MEAN, FLOWERS_STD, DecodedBatches, JpegBatches, compute_stats, epoch_order, load_images,
                       to_model_space)
@@ -368,7 +368,7 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
         loss_improved = loss < state["best_loss"]
         state["best_loss"], state["bad_epochs"] = (loss, 0) if loss_improved else (state["best_loss"], state["bad_epochs"] + 1)
         # A stop request skips the KID and the grid: last.pt first, before a scheduler's grace period ends.
-        final = (epoch == args.epochs or state["bad_epochs"] >= args.early_stop) and not interrupted
+        final = epoch == args.epochs or state["bad_epochs"] >= args.early_stop
         kid_value = None  # rank 0 only: the other ranks do not need it for any decision
         if kid_probe is not None and not interrupted and (epoch % args.eval_every == 0 or final):
             kid_value = kid_probe(ema)
@@ -405,17 +405,16 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
 
 def main(argv=None):
     stop = StopRequest()
-    try:
+
+    def run(argv):
         args, resumed = resolve_args(argv)
-        ctx = distributed.init(args.device)
-        train(args, resumed, stop, ctx)
-    except (UserError, OSError) as e:  # OSError: a file that cannot be read or written
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        train(args, resumed, stop, distributed.init(args.device))
+
+    try:
+        return run_cli(run, argv)
     finally:
         stop.restore()
         distributed.close()  # on every exit path: done, stopped, error
-    return 0
 
 
 if __name__ == "__main__":
