@@ -37,6 +37,8 @@ from sd_train import Training  # noqa: E402
 GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
                  "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
 
+LOOKAHEAD = 2  # batches each loader worker prepares ahead (DataLoader's prefetch_factor)
+
 LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
 
 
@@ -88,13 +90,18 @@ def sync(device):
 
 
 def time_training(run, data, n_images, batch, steps, warmup, epoch, device):
-    """Seconds for `steps` training steps after `warmup` steps of the same batch stream."""
-    order = epoch_order(n_images, epoch, seed=epoch).split(batch)[: warmup + steps]
+    """Seconds for `steps` training steps after `warmup` steps of the same batch stream. The
+    stream goes on past the timed steps (the images are counted for that): a loader's workers
+    keep decoding ahead through all of them, as in the middle of an epoch, instead of falling
+    idle for the last ones."""
+    order = epoch_order(n_images, epoch, seed=epoch).split(batch)
     gen = torch.Generator(device).manual_seed(epoch)
     for i, images in enumerate(data.batches(order)):
         if i == warmup:
             sync(device)
             t0 = time.perf_counter()
+        if i == warmup + steps:
+            break
         run.step(to_model_space(images, FLOWERS_MEAN, FLOWERS_STD, gen), gen, 0.999)
     sync(device)
     return time.perf_counter() - t0
@@ -131,7 +138,7 @@ def bench_preset(preset, args, device, precision):
     cfg = model_config(preset)
     batch = args.batch or (64 if device.type == "cuda" or preset == "flowers64" else 8)
     steps = args.steps or (20 if preset == "flowers64" or device.type == "cuda" else 4)
-    n_images = batch * (steps + args.warmup)
+    n_images = batch * (steps + args.warmup + LOOKAHEAD * args.num_workers)
     literal_precision = "fp16" if device.type == "cuda" else "bf16"  # autocast's defaults, as the original
     sides = {
         "literal": (Training(cfg, device, literal_precision, 3e-4, literal=True),

@@ -8,9 +8,11 @@ normalization run on tensors, on whatever device trains.
 import hashlib
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
+import torchvision.transforms as Tv1
 import torchvision.transforms.v2 as T
 from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
@@ -105,10 +107,18 @@ def _readable(items):
     return [img for img, _ in items if img is not None]
 
 
-def _loader(dataset, num_workers, **kwargs):
+def _stack_readable(items):
+    """collate_fn that stacks in the worker (one shared-memory batch, as the default collate)."""
+    images = _readable(items)
+    return torch.stack(images) if images else None
+
+
+def _loader(dataset, num_workers, cap_to_cores=True, collate_fn=_readable, **kwargs):
     # More decoding processes than cores only adds contention (and torch warns about it).
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return DataLoader(dataset, num_workers=min(num_workers, cores), collate_fn=_readable, **kwargs)
+    if cap_to_cores:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        num_workers = min(num_workers, cores)
+    return DataLoader(dataset, num_workers=num_workers, collate_fn=collate_fn, **kwargs)
 
 
 def decode_all(dataset, num_workers=0):
@@ -169,11 +179,14 @@ class DecodedBatches:
 
 class JpegBatches:
     """The original's loader: worker processes decode, resize, crop and convert every image to
-    float every epoch. Kept to measure against (sd_train.py --literal, benchmarks/); the batches
-    and their order are those of DecodedBatches."""
+    float every epoch, with the original's transforms (torchvision's v1 ones: their uint8 tensor
+    resize is several times slower than PIL's or v2's, which DecodedBatches uses once). Kept to
+    measure against (sd_train.py --literal, benchmarks/); the same images in the same order as
+    DecodedBatches, up to one grey level of resize rounding."""
 
     def __init__(self, image_size, device, num_workers=4, **source):
-        to_float = T.Compose([resize_crop(image_size), T.ToDtype(torch.float32, scale=True)])
+        to_float = Tv1.Compose([Tv1.PILToTensor(), Tv1.Resize(image_size), Tv1.CenterCrop(image_size),
+                               Tv1.ConvertImageDtype(torch.float32)])
         self.dataset = image_dataset(image_size, transform=to_float, **source)
         self.device, self.num_workers = device, num_workers
 
@@ -181,11 +194,14 @@ class JpegBatches:
         return len(self.dataset)
 
     def batches(self, index_batches):
-        loader = _loader(self.dataset, self.num_workers, batch_sampler=[idx.tolist() for idx in index_batches],
-                         pin_memory=self.device.type == "cuda")
+        # As many workers as asked, like the original's 4 on any machine: on a small one they
+        # compete with the training step for the cores, and that is part of what is measured.
+        warnings.filterwarnings("ignore", message="This DataLoader will create")
+        loader = _loader(self.dataset, self.num_workers, cap_to_cores=False, pin_memory=self.device.type == "cuda",
+                         batch_sampler=[idx.tolist() for idx in index_batches], collate_fn=_stack_readable)
         for images in loader:
-            if images:  # empty only if every file of the batch was unreadable
-                yield torch.stack(images).to(self.device, non_blocking=True)  # (B, 3, S, S) float in [0, 1]
+            if images is not None:  # None only if every file of the batch was unreadable
+                yield images.to(self.device, non_blocking=True)  # (B, 3, S, S) float in [0, 1]
 
 
 def compute_stats(images, chunk=512):

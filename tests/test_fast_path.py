@@ -3,17 +3,20 @@ same thing as the original's way, which stays selectable (sd_train.py --literal)
 import torch
 
 from conftest import loss_curve
-from lib.data import FLOWERS_MEAN, FLOWERS_STD, DecodedBatches, JpegBatches, epoch_order, load_images, to_model_space
+from lib.data import DecodedBatches, JpegBatches, epoch_order, load_images
 
 CPU = torch.device("cpu")
 
 
-def test_jpeg_loader_and_decoded_tensor_give_the_same_batches(data_root):
+def test_jpeg_loader_and_decoded_tensor_give_the_same_images_in_the_same_order(data_root):
     decoded = DecodedBatches(load_images(32, data_root, limit=40), CPU)
     jpeg = JpegBatches(32, CPU, num_workers=2, data_root=data_root, limit=40)
     order = epoch_order(40, epoch=0, seed=0).split(16)
     for a, b in zip(decoded.batches(order), jpeg.batches(order), strict=True):
-        torch.testing.assert_close(to_model_space(a, FLOWERS_MEAN, FLOWERS_STD), to_model_space(b, FLOWERS_MEAN, FLOWERS_STD))
+        # Same images, same order; the two resize kernels (PIL's, and torchvision v1's on uint8
+        # tensors, the original's) may round a pixel to the neighbouring grey level.
+        diff = (a.float() - b * 255).abs()
+        assert diff.max() <= 1 + 1e-4 and diff.mean() < 0.1
 
 
 def test_decoded_images_cache_round_trip(data_root, tmp_path):
