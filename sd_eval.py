@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from lib import UserError, run_cli
+from lib import UserError, check_at_least, run_cli
 from lib.checkpoint import load_model
 from lib.data import load_images
 from lib.metrics import EXTRACTORS, build_extractor, extract_features, fid, kid, reference_features, to_uint8
@@ -49,6 +49,8 @@ def get_parser():
 
 def score(name, real, fake, args):
     """One output line per metric, naming the feature extractor and the sample sizes."""
+    if min(len(real), len(fake)) < 2:
+        raise UserError(f"{name}: KID and FID need at least 2 images on each side, got {len(fake)} vs {len(real)} real")
     k_mean, k_std = kid(real, fake, args.kid_subsets, args.kid_subset_size, seed=args.seed)
     f = fid(real, fake)
     print(f"{name}: KID [{args.extractor}] {k_mean:.5f} ± {k_std:.5f}   FID [{args.extractor}] {f:.3f}   "
@@ -61,9 +63,7 @@ def run(args):
         raise UserError("--checkpoint and --samples-dir are two things to score: choose one")
     if args.checkpoint is None and args.samples_dir is None and not args.floor:
         raise UserError("give --checkpoint or --samples-dir (or --floor alone)")
-    for name, low in (("num_samples", 2), ("steps", 1), ("batch_size", 1), ("kid_subsets", 1), ("kid_subset_size", 2)):
-        if getattr(args, name) < low:
-            raise UserError(f"--{name.replace('_', '-')} must be >= {low}")
+    check_at_least(args, num_samples=2, steps=1, batch_size=1, kid_subsets=1, kid_subset_size=2)
     if not 0.0 <= args.eta <= 1.0:
         raise UserError(f"--eta must be in [0, 1], got {args.eta}")
     device, precision = setup(args.device, args.precision)

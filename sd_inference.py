@@ -16,7 +16,7 @@ import matplotlib
 import torch
 from torchvision.utils import save_image
 
-from lib import UserError, run_cli
+from lib import UserError, check_at_least, run_cli
 from lib.checkpoint import load_model
 from lib.runtime import PRECISIONS, setup
 from lib.data import load_image
@@ -72,9 +72,7 @@ def run(args):
         raise UserError("--init-image and --interpolate are two different pictures: choose one")
     if args.num_images is None:
         args.num_images = 1 if args.init_image else 8
-    for name in ("num_images", "steps", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    check_at_least(args, num_images=1, steps=1, batch_size=1)
     if args.interpolate and args.num_images < 2:
         raise UserError("--interpolate needs --num-images >= 2")
     if not 0.0 <= args.eta <= 1.0:
@@ -83,7 +81,9 @@ def run(args):
         raise UserError(f"--strength must be in (0, 1], got {args.strength}")
     from matplotlib.backend_bases import FigureCanvasBase
     out = Path(args.out)
-    if out.suffix and out.suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():
+    if not out.suffix:  # matplotlib would add .png itself; say the name it really writes
+        out = out.with_suffix(".png")
+    if out.suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():
         raise UserError(f"--out {out}: matplotlib cannot write {out.suffix} files (use .png, .jpg, .pdf or .svg)")
     # Folders first: an unwritable place fails now, not after minutes of sampling.
     out.parent.mkdir(parents=True, exist_ok=True)

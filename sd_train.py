@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from lib import UserError, distributed, run_cli
+from lib import UserError, check_at_least, distributed, run_cli
 from lib.checkpoint import atomic_save, make_checkpoint, read_checkpoint
 from lib.data import (FLOWERS_MEAN, FLOWERS_STD, DecodedBatches, JpegBatches, compute_stats, epoch_order, load_images,
                       to_model_space)
@@ -35,6 +35,7 @@ from lib.sample import generate, initial_noise
 from lib.unet import PRESETS, build_unet, count_parameters, model_config
 
 CSV_FIELDS = ["epoch", "loss", "lr", "seconds", "images_per_s", "kid"]
+ONE_SHOT = ("resume", "overwrite", "dry_run")  # flags that --resume does not take from the saved run
 
 
 def get_parser():
@@ -44,10 +45,10 @@ def get_parser():
     p.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
     # data
     p.add_argument("--data-root", default="data", help="folder that holds flowers-102/")
-    p.add_argument("--download", action="store_true", help="let torchvision download Flowers102 into --data-root")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=False, help="let torchvision download Flowers102 into --data-root")
     p.add_argument("--image-dir", default=None, help="train on the images in this folder (recursively) instead")
     p.add_argument("--limit", type=int, default=None, help="use a fixed subset of N images")
-    p.add_argument("--flip", action="store_true", help="random horizontal flips")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False, help="random horizontal flips")
     p.add_argument("--num-workers", type=int, default=4, help="processes that decode the images")
     p.add_argument("--cache-dir", default=None, help="keep the decoded images in a file here for later runs")
     # optimisation: the original's recipe
@@ -74,11 +75,11 @@ def get_parser():
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bf16 on GPUs and on CPUs with native bf16 (AMX/AVX512-BF16), else fp16 (old GPUs) / fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network (pays off on GPUs, not on CPUs)")
-    p.add_argument("--literal", action="store_true",
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the network (pays off on GPUs, not on CPUs)")
+    p.add_argument("--literal", action=argparse.BooleanOptionalAction, default=False,
                    help="the original's slow path, to measure against: JPEGs decoded every epoch by --num-workers "
                         "processes, NCHW layout, the literal network formulation, autocast + GradScaler as the original")
-    p.add_argument("--sync-bn", action="store_true", help="under torchrun: BatchNorm statistics over all processes' shards")
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=False, help="under torchrun: BatchNorm statistics over all processes' shards")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", default=None, help="last.pt (or best.pt) of a run: continue it; flags given now override")
     p.add_argument("--dry-run", action="store_true", help="print the configuration and parameter count, then exit")
@@ -101,7 +102,10 @@ def resolve_args(argv):
         if fixed in explicit and explicit[fixed] != ckpt["train"]["args"][fixed]:
             raise UserError(f"--{fixed.replace('_', '-')} cannot change on --resume (the run used "
                             f"{ckpt['train']['args'][fixed]})")
-    merged = {**vars(args), **ckpt["train"]["args"], **explicit}
+    # Settings of the run carry over; one-shot instructions (which file to resume, permission to
+    # overwrite, a dry run) apply to the command that gave them only.
+    saved = {k: v for k, v in ckpt["train"]["args"].items() if k not in ONE_SHOT}
+    merged = {**vars(args), **saved, **explicit}
     return argparse.Namespace(**merged), ckpt
 
 
@@ -155,18 +159,22 @@ class Training:
 
 
 class StopRequest:
-    """First Ctrl-C / SIGTERM: finish the step, save, exit. A second Ctrl-C interrupts at once."""
+    """Ctrl-C / SIGTERM. Before the first step (loading data): stop at once, nothing to save. Once
+    training (arm()): the first finishes the step, saves, exits; a second Ctrl-C interrupts at once."""
 
     def __init__(self):
-        self.requested = False
+        self.requested = self.armed = False
         self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def arm(self):
+        self.armed = True
 
     def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
+        if not self.armed or (self.requested and signum == signal.SIGINT):
             raise KeyboardInterrupt
         self.requested = True
         tqdm.write(f"{signal.Signals(signum).name}: stopping after this step, saving last.pt")
@@ -208,7 +216,8 @@ def restore(resumed, run, sched, gen, state, args, ctx):
     run.ema.load_state_dict(resumed["ema"])
     run.opt.load_state_dict(t["optimizer"])
     sched.load_state_dict(t["scheduler"])
-    run.scaler.load_state_dict(t["scaler"])
+    if t["scaler"] and run.scaler.is_enabled():  # empty when the run had no loss scaling (bf16, fp32)
+        run.scaler.load_state_dict(t["scaler"])
     if args.lr != t["args"]["lr"]:  # an explicit --lr on resume restarts the schedule there
         for group in run.opt.param_groups:
             group["lr"] = args.lr
@@ -266,11 +275,14 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
         log(f"device: {device}\nprecision: {precision}\nmodel: {cfg}\nprocesses: {ctx.world_size}")
         log(f"parameters: {count_parameters(build_unet(cfg))}")
         return None
-    for name in ("epochs", "batch_size", "sample_every", "num_samples", "sample_steps"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.num_workers < 0:
-        raise UserError("--num-workers must be >= 0")
+    check_at_least(args, epochs=1, batch_size=1, sample_every=1, num_samples=1, sample_steps=1, num_workers=0,
+                   early_stop=1, lr_patience=0, min_lr=0.0, eval_every=0, eval_samples=2, eval_steps=1)
+    if not args.lr > 0:
+        raise UserError(f"--lr must be > 0, got {args.lr}")
+    if not (0.0 <= args.ema_decay < 1.0 and 0.0 < args.lr_factor < 1.0):
+        raise UserError(f"--ema-decay must be in [0, 1) and --lr-factor in (0, 1), got {args.ema_decay}, {args.lr_factor}")
+    if args.best_by == "kid" and args.eval_every < 1:
+        raise UserError("--best-by kid needs --eval-every N")
     if args.sync_bn and ctx.active and device.type != "cuda":
         raise UserError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm does not run on CPU processes)")
     out_dir = check_out_dir(args, resumed)
@@ -279,13 +291,19 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
     model, ema, opt, scaler = run.model, run.ema, run.opt, run.scaler
 
     log(f"loading images ({'--image-dir ' + args.image_dir if args.image_dir else 'Flowers102 from ' + args.data_root})")
+    # The images decoded once: what the fast path trains on. The literal path decodes every epoch
+    # and needs them whole only for the statistics of --image-dir or the KID probe's references.
+    kid_here = args.eval_every > 0 and ctx.is_main
+    images = None
+    if not args.literal or (args.image_dir and not resumed) or kid_here:
+        images = decoded_images(args, cfg)  # (N, 3, S, S) uint8 on the CPU
     data = (JpegBatches(cfg["image_size"], device, args.num_workers, data_root=args.data_root, image_dir=args.image_dir,
                         download=args.download, limit=args.limit) if args.literal
-            else DecodedBatches(decoded_images(args, cfg), device))
+            else DecodedBatches(images, device))
     if resumed:
         mean, std = resumed["norm"]["mean"], resumed["norm"]["std"]
     elif args.image_dir:  # the user's pictures: their own statistics
-        mean, std = compute_stats(data.images.cpu() if not args.literal else decoded_images(args, cfg))
+        mean, std = compute_stats(images)
     else:
         mean, std = FLOWERS_MEAN, FLOWERS_STD
     n_images = len(data)
@@ -306,14 +324,12 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
         log(f"resumed {args.resume}: epoch {state['epoch'] + 1}, {state['images_done']} images into it")
 
     sample_noise = initial_noise(args.num_samples, cfg["image_size"], args.seed)
-    if args.best_by == "kid" and args.eval_every < 1:
-        raise UserError("--best-by kid needs --eval-every N")
     kid_probe = None
-    if args.eval_every > 0 and ctx.is_main:
+    if kid_here:
         log(f"KID probe: features of the {n_images} training images (efficientnet-lite0)")
-        real = data.images.cpu() if not args.literal else decoded_images(args, cfg)
-        kid_probe = KidProbe(real, mean, std, args.eval_samples, args.eval_steps, args.seed + 1, precision, device,
+        kid_probe = KidProbe(images, mean, std, args.eval_samples, args.eval_steps, args.seed + 1, precision, device,
                              args.cache_dir)
+    del images  # on a GPU the batches come from the device's copy: free the host's
 
     def checkpoint(name):
         """Collective (every rank's RNG state is gathered); rank 0 writes."""
@@ -328,6 +344,9 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
                            rng={"torch": torch.get_rng_state(), "device": gen_states})
         atomic_save(make_checkpoint(cfg, mean, std, ema.state_dict(), train_state), out_dir / name)
 
+    stop.arm()
+    # Under torchrun, asking every rank costs a device sync; every 10 steps keeps the queue full.
+    check_every = 10 if ctx.active else 1
     while state["epoch"] < args.epochs:
         epoch = state["epoch"] + 1  # 1-based for people
         order = epoch_order(n_images, state["epoch"], args.seed)
@@ -350,7 +369,7 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
             steps_done += 1
             if i % 10 == 0:
                 bar.set_postfix(loss=f"{(state['epoch_loss_sum'] + loss_sum.item()) / state['epoch_steps']:.4f}")
-            if distributed.any_rank(stop.requested, ctx, device):
+            if (i + 1) % check_every == 0 and distributed.any_rank(stop.requested, ctx, device):
                 break
         state["epoch_seconds"] += time.perf_counter() - t0
         # Every rank adds the same mean: the ranks' losses averaged, so all take the same decisions.
@@ -413,6 +432,9 @@ def main(argv=None):
 
     try:
         return run_cli(run, argv)
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C: no traceback
+        print("error: interrupted (last.pt, if any, holds the last saved state)", file=sys.stderr)
+        return 130
     finally:
         stop.restore()
         distributed.close()  # on every exit path: done, stopped, error

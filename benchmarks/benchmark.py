@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lib import UserError, run_cli  # noqa: E402
+from lib import check_at_least, run_cli  # noqa: E402
 from lib.data import (FLOWERS_MEAN, FLOWERS_STD, DecodedBatches, JpegBatches, epoch_order, load_images,  # noqa: E402
                       to_model_space)
 from lib.diffusion import ddim_sample  # noqa: E402
@@ -43,9 +43,10 @@ LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("li
 
 
 class PeakMemory:
-    """Peak memory while the block runs. CUDA: the allocator's peak. CPU: the peak of this
-    process's RSS (sampled every 2 ms) above its RSS at the start, after freed heap memory was
-    handed back to the OS: the working memory of the phase, on top of models and data."""
+    """Working memory of the block: its peak above what was held at the start (models, optimizer
+    states and data of both paths stay alive between phases). CUDA: the allocator's peak minus
+    its allocation at the start. CPU: the process's RSS (sampled every 2 ms), after freed heap
+    memory was handed back to the OS."""
 
     def __init__(self, device):
         self.device = device
@@ -54,6 +55,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
         else:
             gc.collect()
             if LIBC is not None:
@@ -76,7 +78,7 @@ class PeakMemory:
         else:
             self.running = False
             self.thread.join()
-            self.peak -= self.start
+        self.peak -= self.start
 
 
 def rss():
@@ -200,11 +202,7 @@ def main(argv=None):
 
 
 def run(args):
-    for name in ("batch", "steps", "sample_images"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.rounds < 1 or args.warmup < 0 or args.num_workers < 0:
-        raise UserError("--rounds must be >= 1, --warmup and --num-workers >= 0")
+    check_at_least(args, batch=1, steps=1, sample_images=1, rounds=1, warmup=0, num_workers=0)
     device, precision = setup(args.device, args.precision)
     print(f"machine: {machine(device)}", file=sys.stderr)
     rows = [row for preset in args.presets for row in bench_preset(preset, args, device, precision)]

@@ -7,6 +7,14 @@ class UserError(Exception):
     """A problem with the user's input or files: the scripts print it as one line and exit 2."""
 
 
+def check_at_least(args, **lowest):
+    """A UserError naming the first flag below its lowest allowed value (None: not given, fine)."""
+    for name, low in lowest.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {low}")
+
+
 def run_cli(run, args):
     """Run a script's body: a UserError, or a file that cannot be read or written (OSError: no
     permission, disk full), becomes one line on stderr and exit status 2."""

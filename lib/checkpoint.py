@@ -10,14 +10,16 @@ Layout (a plain dict, so `torch.load(weights_only=True)` reads it and a crafted 
 The original repo's files (a bare state dict of its EMA wrapper: "module.*" keys and "n_averaged")
 are read by the same loader and converted on the fly.
 """
+import argparse
 import os
 import pickle
 import re
+import sys
 from pathlib import Path
 
 import torch
 
-from lib import UserError
+from lib import UserError, run_cli
 from lib.data import FLOWERS_MEAN, FLOWERS_STD
 from lib.unet import build_unet, check_image_size
 
@@ -38,6 +40,22 @@ def atomic_save(obj, path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def read_cache(path):
+    """A tensor this repo saved as a cache -> the tensor; None when the file is absent, or torn or
+    foreign (then it is recomputed and replaced: a warning, not a failure)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # whatever a broken file makes torch.load raise
+        cached = None
+    if isinstance(cached, torch.Tensor):
+        return cached
+    print(f"warning: {path} is not a readable cache file; computing it again", file=sys.stderr)
+    return None
 
 
 def make_checkpoint(config, mean, std, ema_state, train_state=None):
@@ -92,6 +110,9 @@ def read_checkpoint(path, image_size=None):
         return _from_original(obj, image_size)
     if not (isinstance(obj, dict) and obj.get("format") == FORMAT):
         raise UserError(f"{path} is not a checkpoint of this repo (format {FORMAT}) nor of the original repo")
+    missing = [k for k in ("config", "norm", "ema") if not isinstance(obj.get(k), dict)]
+    if missing:
+        raise UserError(f"{path} is an incomplete checkpoint (no {', '.join(missing)})")
     if image_size is not None:
         obj["config"]["image_size"] = image_size
     return obj
@@ -129,22 +150,25 @@ def load_model(path, device="cpu", image_size=None):
 def export_weights(src, dst):
     """Write the inference part of a checkpoint (config, normalization, EMA weights): a few MB
     instead of the tens that the training state adds. Original-format files come out in ours."""
+    if Path(dst).exists() and Path(dst).samefile(src):
+        raise UserError(f"{dst} is the checkpoint being exported: writing it would drop its training state")
     ckpt = read_checkpoint(src)
     load_model(src)  # refuse to export weights that do not fit their config
     atomic_save(make_checkpoint(ckpt["config"], ckpt["norm"]["mean"], ckpt["norm"]["std"], ckpt["ema"]), dst)
 
 
-if __name__ == "__main__":
-    import argparse
-    import sys
-
+def main(argv=None):
     p = argparse.ArgumentParser(description="Export a checkpoint's EMA weights for inference: "
                                             "python -m lib.checkpoint runs/x/best.pt models/x.pt")
     p.add_argument("src")
     p.add_argument("dst")
-    args = p.parse_args()
-    try:
+
+    def run(args):
         export_weights(args.src, args.dst)
-    except UserError as e:
-        sys.exit(f"error: {e}")
-    print(f"wrote {args.dst} ({Path(args.dst).stat().st_size / 2**20:.1f} MB)")
+        print(f"wrote {args.dst} ({Path(args.dst).stat().st_size / 2**20:.1f} MB)")
+
+    return run_cli(run, p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from lib.runtime import pick_device
+
 
 @dataclass(frozen=True)
 class Context:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: str = None  # this process's device under torchrun; None: as the user asked
 
     @property
@@ -37,11 +38,11 @@ def init(device_name):
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return ALONE
     rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
+    use_cuda = pick_device(device_name).type == "cuda"  # --device cuda without a GPU: a UserError
     if use_cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Context(rank, world_size, local_rank, f"cuda:{local_rank}" if use_cuda else "cpu")
+    return Context(rank, world_size, f"cuda:{local_rank}" if use_cuda else "cpu")
 
 
 def close():

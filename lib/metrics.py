@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from scipy import linalg
 
 from lib import UserError
-from lib.checkpoint import atomic_save
+from lib.checkpoint import atomic_save, read_cache
+from lib.runtime import ieee_fp32
 from lib.sample import generate, initial_noise
 
 EXTRACTORS = ("efficientnet-lite0", "inception")
@@ -105,7 +106,8 @@ def extract_features(extractor, images, batch_size=16, device="cpu"):
     hardware's bf16 support). Small batches: at 224 px, batches of 100 make activations of
     hundreds of MB that the allocator maps and page-faults in anew each time (5x slower on CPU)."""
     extractor = extractor.to(device)
-    out = [extractor(chunk.to(device)).double().cpu() for chunk in images.split(batch_size)]
+    with ieee_fp32():
+        out = [extractor(chunk.to(device)).double().cpu() for chunk in images.split(batch_size)]
     return torch.cat(out)
 
 
@@ -161,8 +163,8 @@ def reference_features(extractor, images, cache_dir, device="cpu"):
         digest.update(f"{tuple(images.shape)}|{extractor.name}".encode())
         digest = digest.hexdigest()[:16]
         path = Path(cache_dir) / f"features-{extractor.name}-{digest}.pt"
-        if path.is_file():
-            return torch.load(path, weights_only=True)
+        if (cached := read_cache(path)) is not None:
+            return cached
     features = extract_features(extractor, images, device=device)
     if path is not None:
         atomic_save(features, path)

@@ -41,7 +41,8 @@ def pick_precision(name, device):
     if name != "auto":
         return name
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # Native bf16 from Ampere on; older GPUs (V100, T4) would only emulate it, slowly.
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
@@ -51,6 +52,18 @@ def autocast(device, precision):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def ieee_fp32():
+    """Inside: fp32 matmuls and convolutions in IEEE precision on GPUs too (no TF32), for numbers
+    that must not depend on the hardware (metrics)."""
+    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
 
 
 def set_threads():
@@ -83,6 +96,9 @@ def setup(device_name="auto", precision_name="auto"):
     keep_freed_memory()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        # The ops autocast leaves in fp32 may use TF32 (10-bit mantissa) tensor cores; --precision
+        # fp32 means IEEE fp32, the same numbers as on a CPU.
+        fp32_math = "ieee" if precision == "fp32" else "tf32"
+        torch.backends.cuda.matmul.fp32_precision = fp32_math
+        torch.backends.cudnn.conv.fp32_precision = fp32_math
     return device, precision

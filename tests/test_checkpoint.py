@@ -37,7 +37,7 @@ def test_round_trip(tmp_path):
     loaded, ckpt = load_model(tmp_path / "m.pt")
     assert ckpt["config"] == TINY and ckpt["norm"] == {"mean": [0.5] * 3, "std": [0.25] * 3}
     assert ckpt["train"] == {"epoch": 3}
-    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     assert not loaded.training  # ready to sample
 
@@ -73,6 +73,9 @@ def test_bad_files_give_one_line_errors(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="not a checkpoint of this repo"):
         read_checkpoint(tmp_path / "other.pt")
+    torch.save({"format": "flowers-ddim/1", "config": TINY}, tmp_path / "partial.pt")
+    with pytest.raises(UserError, match="incomplete checkpoint .no norm, ema"):
+        read_checkpoint(tmp_path / "partial.pt")
 
 
 def test_weights_that_do_not_fit_the_config(tmp_path):
@@ -132,4 +135,17 @@ def test_export_keeps_what_inference_needs(tmp_path):
     ckpt = read_checkpoint(tmp_path / "model.pt")
     assert "train" not in ckpt and ckpt["config"] == TINY
     loaded, _ = load_model(tmp_path / "model.pt")
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True))
+
+
+def test_export_cli_never_drops_a_training_state(tmp_path, capsys):
+    from lib.checkpoint import main
+    tiny_checkpoint(tmp_path / "last.pt", train_state={"epoch": 3})
+    assert main([str(tmp_path / "last.pt"), str(tmp_path / "." / "last.pt")]) == 2
+    assert "drop its training state" in capsys.readouterr().err
+    assert read_checkpoint(tmp_path / "last.pt")["train"] == {"epoch": 3}
+    (tmp_path / "file").write_text("a file, not a folder")
+    assert main([str(tmp_path / "last.pt"), str(tmp_path / "file" / "m.pt")]) == 2
+    assert capsys.readouterr().err.startswith("error:")
+    assert main([str(tmp_path / "last.pt"), str(tmp_path / "m.pt")]) == 0
+    assert "train" not in read_checkpoint(tmp_path / "m.pt")

@@ -14,6 +14,22 @@ def test_flowers102_subset_is_fixed_resized_and_cropped(data_root):
     assert torch.equal(a, b)  # the same fixed subset every time
 
 
+def test_image_cache_is_reused_keyed_by_the_files_and_rebuilt_when_torn(tmp_path, capsys):
+    for i in range(3):
+        Image.new("RGB", (20, 24), (80 * i, 10, 10)).save(tmp_path / f"{i}.png")
+    cache = tmp_path / "cache"
+    images = load_images(16, image_dir=tmp_path, cache_dir=cache)
+    [path] = cache.glob("images-16px-*.pt")
+    assert torch.equal(torch.load(path, weights_only=True), images)
+    path.write_bytes(path.read_bytes()[:100])  # an interrupted copy, a full disk
+    assert torch.equal(load_images(16, image_dir=tmp_path, cache_dir=cache), images)
+    assert "not a readable cache file" in capsys.readouterr().err
+    assert torch.equal(torch.load(path, weights_only=True), images)  # rewritten whole
+    Image.new("RGB", (20, 24), (0, 200, 0)).save(tmp_path / "0.png")  # a picture replaced in place
+    assert not torch.equal(load_images(16, image_dir=tmp_path, cache_dir=cache), images)
+    assert len(list(cache.glob("images-16px-*.pt"))) == 2
+
+
 def test_all_three_splits_are_used(data_root):
     from lib.data import flowers102
     assert len(flowers102(data_root, transform=None)) == 8189

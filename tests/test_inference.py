@@ -23,8 +23,8 @@ def test_same_seed_same_images_other_seed_other_images(tmp_path):
 
     def sample(seed, name):
         d = tmp_path / name
-        sd_inference.main(["--checkpoint", str(tmp_path / "m.pt"), "--steps", "2", "--num-images", "3",
-                           "--seed", str(seed), "--out", str(tmp_path / f"{name}.png"), "--save-dir", str(d), "--no-show"])
+        assert sd_inference.main(["--checkpoint", str(tmp_path / "m.pt"), "--steps", "2", "--num-images", "3", "--seed",
+                                  str(seed), "--out", str(tmp_path / f"{name}.png"), "--save-dir", str(d), "--no-show"]) == 0
         return [Image.open(f).tobytes() for f in sorted(d.glob("*.png"))]
     assert sample(1, "a") == sample(1, "b")
     assert sample(1, "a") != sample(2, "c")
@@ -70,3 +70,10 @@ def test_bad_output_paths_fail_before_sampling(tmp_path, capsys):
         assert sd_inference.main(["--checkpoint", str(tmp_path / "m.pt"), "--out", str(out), "--no-show"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and message in err and "\n" not in err, err
+
+
+def test_out_without_a_suffix_is_a_png_and_says_so(tmp_path, capsys):
+    tiny_checkpoint(tmp_path / "m.pt")
+    assert sd_inference.main(["--checkpoint", str(tmp_path / "m.pt"), "--steps", "1", "--num-images", "1",
+                              "--out", str(tmp_path / "fig"), "--no-show"]) == 0
+    assert (tmp_path / "fig.png").is_file() and str(tmp_path / "fig.png") in capsys.readouterr().out

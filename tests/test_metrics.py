@@ -121,6 +121,10 @@ def test_eval_cli_bad_inputs(tmp_path, capsys):
         assert err.startswith("error:") and message in err and "\n" not in err, err
     assert sd_eval.main(["--checkpoint", str(tmp_path / "nope.pt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+    one = real_folder(tmp_path / "one", n=1)
+    assert sd_eval.main(["--samples-dir", str(one), "--image-size", "32", "--image-dir", str(real_folder(tmp_path / "r")),
+                         "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert "at least 2 images on each side, got 1" in capsys.readouterr().err
 
 
 def test_training_tracks_kid_and_keeps_the_best_by_it(tmp_path):

@@ -75,6 +75,9 @@ class StopAfter:
     def __init__(self, n):
         self.n, self.asked = n, 0
 
+    def arm(self):
+        pass
+
     @property
     def requested(self):
         self.asked += 1
@@ -120,6 +123,41 @@ def test_resume_guards_and_overrides(data_root, tmp_path, capsys):
     torch.save(ckpt, old)
     assert sd_train.main(["--resume", str(old), "--epochs", "2", "--overwrite"]) == 0
     assert torch.load(run / "last.pt", weights_only=True)["train"]["epoch"] == 2
+    # one-shot flags apply to their own command: that last.pt was written under --overwrite, and
+    # resuming it must not overwrite anything unasked; switches turn off with --no-*
+    args, _ = sd_train.resolve_args(["--resume", str(run / "last.pt"), "--no-flip"])
+    assert torch.load(run / "last.pt", weights_only=True)["train"]["args"]["overwrite"]
+    assert not args.overwrite and not args.flip and args.epochs == 2
+
+
+def test_resume_switching_loss_scaling_on(data_root, tmp_path):
+    # a bf16/fp32 run saves an empty GradScaler state; the literal path (or fp16) scales the loss
+    assert sd_train.main(run_args(data_root, tmp_path, "--epochs", "1", "--limit", "32")) == 0
+    assert sd_train.main(["--resume", str(tmp_path / "last.pt"), "--epochs", "2", "--literal"]) == 0
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["train"]["scaler"]  # now a real state
+
+
+def test_stop_request_before_and_during_training(capsys):
+    stop = sd_train.StopRequest()
+    try:
+        with pytest.raises(KeyboardInterrupt):  # loading data: nothing to save, stop at once
+            stop._handle(signal.SIGINT, None)
+        stop.arm()
+        stop._handle(signal.SIGTERM, None)  # training: finish the step, save, exit
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C does not wait
+            stop._handle(signal.SIGINT, None)
+    finally:
+        stop.restore()
+
+
+def test_interrupt_exits_130_with_one_line(monkeypatch, capsys):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sd_train, "resolve_args", interrupted)
+    assert sd_train.main([]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: interrupted") and "\n" not in err
 
 
 def test_sigterm_saves_last_and_exits_cleanly(data_root, tmp_path):
@@ -145,6 +183,8 @@ def test_bad_inputs_exit_2_with_one_line(data_root, tmp_path, capsys):
         (["--preset", "flowers64", "--image-size", "36", "--data-root", str(data_root)], "multiple of 8"),
         (["--resume", str(tmp_path / "missing.pt")], "checkpoint not found"),
         (run_args(data_root, tmp_path, "--epochs", "0"), "--epochs must be >= 1"),
+        (run_args(data_root, tmp_path, "--ema-decay", "5"), "--ema-decay must be in [0, 1)"),
+        (run_args(data_root, tmp_path, "--lr", "-1"), "--lr must be > 0"),
     ]
     for argv, message in cases:
         assert sd_train.main(argv) == 2

@@ -62,12 +62,13 @@ def test_fused_embedding_equals_literal_formulation(preset):
     torch.testing.assert_close(out_f, out_l, rtol=1e-9, atol=1e-9)
     out_f.square().sum().backward()
     out_l.square().sum().backward()
-    for (name, pf), pl in zip(fused.named_parameters(), literal.parameters()):
+    for (name, pf), pl in zip(fused.named_parameters(), literal.parameters(), strict=True):
         torch.testing.assert_close(pf.grad, pl.grad, rtol=1e-7, atol=1e-9, msg=name)
 
 
-def test_network_never_sees_the_schedule():
-    # The network's only conditioning is the noise variance it is given: same inputs, same output.
+def test_each_image_is_conditioned_on_its_own_noise_variance():
+    # The network's only conditioning is the variance given with each image (it never sees the
+    # schedule): changing one image's variance changes that image's output and no other.
     model = UNet((8, 16), 8, 1).eval()
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
