@@ -31,7 +31,7 @@ from lib.diffusion import ddim_sample  # noqa: E402
 from lib.runtime import PRECISIONS, setup  # noqa: E402
 from lib.sample import generate, initial_noise  # noqa: E402
 from lib.unet import PRESETS, model_config  # noqa: E402
-from sd_train import Training  # noqa: E402
+from lib.training import Training  # noqa: E402
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by a name fragment.
 GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lib.data import FLOWERS_MEAN, FLOWERS_STD, to_model_space
-from sd_train import Training
+from lib.training import Training
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("FLOWERS_ROOT", ROOT.parent / "shared" / "data"))
