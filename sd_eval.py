@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from lib import UserError, check_at_least, run_cli
+from lib import HelpFormatter, UserError, check_at_least, run_cli
 from lib.checkpoint import load_model
 from lib.data import load_images
 from lib.metrics import EXTRACTORS, build_extractor, extract_features, fid, kid, reference_features, to_uint8
@@ -23,34 +23,42 @@ from lib.sample import generate, initial_noise
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     src = p.add_argument_group("what to score (one of)")
     src.add_argument("--checkpoint", default=None, help="generate samples from this checkpoint")
     src.add_argument("--samples-dir", default=None, help="score the images in this folder instead")
-    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--num-samples", type=int, default=1000, help="samples generated and scored")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")
-    p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    p.add_argument("--seed", type=int, default=0, help="of the sample noise and the KID subsets")
     p.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's; 64 with --samples-dir or --floor alone")
     p.add_argument("--floor", action="store_true", help="also score N held-out real images against the rest")
     p.add_argument("--data-root", default="data", help="folder that holds flowers-102/")
+    p.add_argument("--download", action="store_true", help="let torchvision download Flowers102 into --data-root")
     p.add_argument("--image-dir", default=None, help="real images from this folder instead of Flowers102")
     p.add_argument("--extractor", default="efficientnet-lite0", choices=EXTRACTORS,
                    help="feature space: efficientnet-lite0 (offline) or inception (the FID standard)")
     p.add_argument("--inception-weights", default=None, help="file with the FID Inception weights (no download)")
     p.add_argument("--cache-dir", default="cache", help="real-image features are cached here")
-    p.add_argument("--kid-subsets", type=int, default=100)
-    p.add_argument("--kid-subset-size", type=int, default=1000)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--kid-subsets", type=int, default=100, help="KID: random subsets averaged")
+    p.add_argument("--kid-subset-size", type=int, default=1000, help="KID: images per subset (at most all)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if there is a GPU")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="for sampling")
     p.add_argument("--batch-size", type=int, default=100, help="images sampled at once")
+    p.add_argument("--num-workers", type=int, default=2, help="processes that decode the real images")
     return p
+
+
+FEW = 100  # images per side below which the scores are mostly noise
 
 
 def score(name, real, fake, args):
     """One output line per metric, naming the feature extractor and the sample sizes."""
     if min(len(real), len(fake)) < 2:
         raise UserError(f"{name}: KID and FID need at least 2 images on each side, got {len(fake)} vs {len(real)} real")
+    if min(len(real), len(fake)) < FEW:
+        print(f"note: {name}: under {FEW} images a side, KID and FID are rough (FID most: it estimates a "
+              f"{real.shape[1]}-d covariance); compare runs at the same counts", file=sys.stderr)
     k_mean, k_std = kid(real, fake, args.kid_subsets, args.kid_subset_size, seed=args.seed)
     f = fid(real, fake)
     print(f"{name}: KID [{args.extractor}] {k_mean:.5f} ± {k_std:.5f}   FID [{args.extractor}] {f:.3f}   "
@@ -63,7 +71,7 @@ def run(args):
         raise UserError("--checkpoint and --samples-dir are two things to score: choose one")
     if args.checkpoint is None and args.samples_dir is None and not args.floor:
         raise UserError("give --checkpoint or --samples-dir (or --floor alone)")
-    check_at_least(args, num_samples=2, steps=1, batch_size=1, kid_subsets=1, kid_subset_size=2)
+    check_at_least(args, num_samples=2, steps=1, batch_size=1, kid_subsets=1, kid_subset_size=2, num_workers=0)
     if not 0.0 <= args.eta <= 1.0:
         raise UserError(f"--eta must be in [0, 1], got {args.eta}")
     device, precision = setup(args.device, args.precision)
@@ -78,7 +86,8 @@ def run(args):
         size = fake.shape[-1]
     else:
         size = args.image_size or 64
-    real = load_images(size, args.data_root, args.image_dir, num_workers=2, cache_dir=args.cache_dir)
+    real = load_images(size, args.data_root, args.image_dir, args.download, num_workers=args.num_workers,
+                       cache_dir=args.cache_dir)
     extractor = build_extractor(args.extractor, args.inception_weights)
     real_features = reference_features(extractor, real, args.cache_dir, device)
     print(f"real: {len(real)} images at {size} px, features [{args.extractor}] in {time.perf_counter() - t0:.0f}s")

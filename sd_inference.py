@@ -16,7 +16,7 @@ import matplotlib
 import torch
 from torchvision.utils import save_image
 
-from lib import UserError, check_at_least, run_cli
+from lib import HelpFormatter, UserError, check_at_least, run_cli
 from lib.checkpoint import load_model
 from lib.runtime import PRECISIONS, setup
 from lib.data import load_image
@@ -28,15 +28,15 @@ NON_INTERACTIVE = {"agg", "pdf", "ps", "svg", "pgf", "cairo", "template"}
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", default=None, help="a checkpoint of this repo or of the original (default: models/flowers64.pt)")
     p.add_argument("--num-images", type=int, default=None,
-                   help="8; with --init-image 1 result (each from other noise); with --interpolate 8 frames")
+                   help="default: 8 samples; with --init-image 1 result (each from other noise); with --interpolate 8 frames")
     p.add_argument("--steps", type=int, default=20, help="DDIM sampling steps")
     p.add_argument("--eta", type=float, default=0.0, help="0: deterministic DDIM (the original); 1: DDPM-like")
     p.add_argument("--seed", type=int, default=0, help="same seed, same images")
     p.add_argument("--image-size", type=int, default=None, help="override the checkpoint's image size")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if there is a GPU")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="fp32 reproduces the original exactly")
     p.add_argument("--batch-size", type=int, default=64, help="images sampled at once")
     p.add_argument("--out", default="generated.png", help="where the figure is saved")
@@ -55,7 +55,8 @@ def figure(images, title="Generated Images", cols=4, labels=None):
     n = images.shape[0]
     cols = min(n, cols)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.5 * cols, 2.5 * rows + 0.4), squeeze=False)
+    # constrained layout keeps room for the title at any number of rows (tight_layout does not)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.5 * cols, 2.5 * rows + 0.4), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for i, (ax, img) in enumerate(zip(axes.flat, images)):
@@ -63,7 +64,6 @@ def figure(images, title="Generated Images", cols=4, labels=None):
         if labels:
             ax.set_title(labels[i % len(labels)], fontsize=9)
     fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 
@@ -121,7 +121,7 @@ def run(args):
         save_dir = Path(args.save_dir)
         for i, img in enumerate(images):
             save_image(img, save_dir / f"sample_{args.seed}_{i:04d}.png")
-        print(f"saved {len(images)} images of {size}x{size} to {save_dir}")
+        print(f"saved {len(images)} image{'s' * (len(images) != 1)} of {size}x{size} to {save_dir}")
     # Headless machines get a file; a window only opens where matplotlib found a GUI backend.
     import matplotlib.pyplot as plt
     fig = figure(panels, **fig_args)

@@ -6,7 +6,7 @@
 
 Every epoch writes last.pt (and best.pt on a new best loss), a CSV row and the loss curve; every
 --sample-every epochs an 8-image grid. Ctrl-C / SIGTERM finish the current step, write last.pt
-and exit; --resume continues exactly where it stopped.
+and exit (status 130 / 143: stopped, not finished); --resume continues exactly where it stopped.
 """
 import argparse
 import csv
@@ -21,7 +21,7 @@ import torch
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from lib import UserError, check_at_least, distributed, run_cli
+from lib import HelpFormatter, UserError, check_at_least, distributed, run_cli
 from lib.checkpoint import atomic_save, make_checkpoint, read_checkpoint
 from lib.data import (FLOWERS_MEAN, FLOWERS_STD, DecodedBatches, JpegBatches, compute_stats, epoch_order, load_images,
                       to_model_space)
@@ -37,7 +37,7 @@ ONE_SHOT = ("resume", "overwrite", "dry_run")  # flags that --resume does not ta
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--preset", default="sd128", choices=sorted(PRESETS), help="network and image size (lib/unet.py)")
     p.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
     # data
@@ -49,27 +49,27 @@ def get_parser():
     p.add_argument("--num-workers", type=int, default=4, help="processes that decode the images")
     p.add_argument("--cache-dir", default=None, help="keep the decoded images in a file here for later runs")
     # optimisation: the original's recipe
-    p.add_argument("--epochs", type=int, default=500)
+    p.add_argument("--epochs", type=int, default=500, help="passes over the images")
     p.add_argument("--batch-size", type=int, default=64, help="per process: the global batch is this x the process count")
     p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
-    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--ema-decay", type=float, default=0.999, help="of the weight average that is sampled and shipped")
     p.add_argument("--lr-patience", type=int, default=20, help="ReduceLROnPlateau: epochs without improvement")
     p.add_argument("--lr-factor", type=float, default=0.5, help="ReduceLROnPlateau: LR multiplier")
-    p.add_argument("--min-lr", type=float, default=1e-6)
+    p.add_argument("--min-lr", type=float, default=1e-6, help="ReduceLROnPlateau: the LR's floor")
     p.add_argument("--early-stop", type=int, default=100, help="stop after this many epochs without a new best loss")
     # outputs
-    p.add_argument("--out-dir", default="output_sd")
+    p.add_argument("--out-dir", default="output_sd", help="checkpoints, log, curves and sample grids")
     p.add_argument("--overwrite", action="store_true",
                    help="allow replacing the checkpoints of another (or a further advanced) run in --out-dir")
     p.add_argument("--sample-every", type=int, default=10, help="write a sample grid every N epochs (and at 1 and the last)")
-    p.add_argument("--num-samples", type=int, default=8)
-    p.add_argument("--sample-steps", type=int, default=20)
+    p.add_argument("--num-samples", type=int, default=8, help="images in each sample grid")
+    p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the sample grids")
     p.add_argument("--eval-every", type=int, default=0, help="every N epochs, a KID (efficientnet-lite0) of EMA samples; 0: never")
-    p.add_argument("--eval-samples", type=int, default=500)
+    p.add_argument("--eval-samples", type=int, default=500, help="samples of each KID")
     p.add_argument("--eval-steps", type=int, default=5, help="DDIM steps of the KID samples")
     p.add_argument("--best-by", default="loss", choices=["loss", "kid"], help="what makes best.pt the best")
     # runtime
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if there is a GPU")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bf16 on GPUs and on CPUs with native bf16 (AMX/AVX512-BF16), else fp16 (old GPUs) / fp32")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the network (pays off on GPUs, not on CPUs)")
@@ -77,7 +77,7 @@ def get_parser():
                    help="the original's slow path, to measure against: JPEGs decoded every epoch by --num-workers "
                         "processes, NCHW layout, the literal network formulation, autocast + GradScaler as the original")
     p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=False, help="under torchrun: BatchNorm statistics over all processes' shards")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="of the weights, times, noise, flips and data order")
     p.add_argument("--resume", default=None, help="last.pt (or best.pt) of a run: continue it; flags given now override")
     p.add_argument("--dry-run", action="store_true", help="print the configuration and parameter count, then exit")
     return p
@@ -91,14 +91,17 @@ def resolve_args(argv):
         return args, None
     ckpt = read_checkpoint(args.resume)
     if "train" not in ckpt:
-        raise UserError(f"{args.resume} holds weights only, no training state to resume (use last.pt or best.pt)")
+        raise UserError(f"{args.resume} holds weights only, no training state to resume "
+                        "(resume from a last.pt or best.pt that sd_train.py wrote)")
     for action in parser._actions:  # parse again without defaults: what did the user type?
         action.default = argparse.SUPPRESS
     explicit = vars(parser.parse_args(argv))
-    for fixed in ("preset", "image_size"):
-        if fixed in explicit and explicit[fixed] != ckpt["train"]["args"][fixed]:
-            raise UserError(f"--{fixed.replace('_', '-')} cannot change on --resume (the run used "
-                            f"{ckpt['train']['args'][fixed]})")
+    for fixed, used in (("preset", ckpt["train"]["args"]["preset"]), ("image_size", ckpt["config"]["image_size"])):
+        if fixed in explicit and explicit[fixed] != used:
+            raise UserError(f"--{fixed.replace('_', '-')} cannot change on --resume (the run used {used})")
+    done = ckpt["train"]["epoch"]
+    if explicit.get("epochs", ckpt["train"]["args"]["epochs"]) <= done:
+        raise UserError(f"{args.resume} is at the end of epoch {done} already: pass --epochs N with N > {done} to train on")
     # Settings of the run carry over; one-shot instructions (which file to resume, permission to
     # overwrite, a dry run) apply to the command that gave them only.
     saved = {k: v for k, v in ckpt["train"]["args"].items() if k not in ONE_SHOT}
@@ -112,6 +115,7 @@ class StopRequest:
 
     def __init__(self):
         self.requested = self.armed = False
+        self.signum = None  # the first stop signal, for the exit status (128 + it, as the shell's)
         self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def arm(self):
@@ -124,7 +128,7 @@ class StopRequest:
     def _handle(self, signum, frame):
         if not self.armed or (self.requested and signum == signal.SIGINT):
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
         tqdm.write(f"{signal.Signals(signum).name}: stopping after this step, saving last.pt")
 
 
@@ -367,7 +371,7 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
             log(f"stopped after epoch {epoch}; resume with --resume {out_dir / 'last.pt'}")
             return run
     best_kid = "" if kid_probe is None else f", best KID {state['best_kid']:.4f}"
-    log(f"done: {state['epoch']} epochs, best loss {state['best_loss']:.4f}{best_kid}; checkpoints in {out_dir}")
+    log(f"done: {state['epoch']} epoch{'s' * (state['epoch'] != 1)}, best loss {state['best_loss']:.4f}{best_kid}; checkpoints in {out_dir}")
     return run
 
 
@@ -379,7 +383,9 @@ def main(argv=None):
         train(args, resumed, stop, distributed.init(args.device))
 
     try:
-        return run_cli(run, argv)
+        status = run_cli(run, argv)
+        # Stopped early (last.pt saved): not a success, so `sd_train.py ... && export` stops too.
+        return 128 + stop.signum if status == 0 and stop.requested else status
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C: no traceback
         print("error: interrupted (last.pt, if any, holds the last saved state)", file=sys.stderr)
         return 130

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lib import check_at_least, run_cli  # noqa: E402
+from lib import HelpFormatter, check_at_least, run_cli  # noqa: E402
 from lib.data import (FLOWERS_MEAN, FLOWERS_STD, DecodedBatches, JpegBatches, epoch_order, load_images,  # noqa: E402
                       to_model_space)
 from lib.diffusion import ddim_sample  # noqa: E402
@@ -186,16 +186,16 @@ def bench_preset(preset, args, device, precision):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--data-root", default="data", help="folder that holds flowers-102/")
-    p.add_argument("--presets", nargs="+", default=["flowers64", "sd128"], choices=sorted(PRESETS))
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--presets", nargs="+", default=["flowers64", "sd128"], choices=sorted(PRESETS), help="networks to measure")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if there is a GPU")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="the fast path's precision")
     p.add_argument("--batch", type=int, default=None, help="default: 64 (GPU or flowers64), 8 (sd128 on CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps a round (default 20; sd128 on CPU 4)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--sample-images", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before each timed round")
+    p.add_argument("--rounds", type=int, default=2, help="timed rounds per path, interleaved; the best counts")
+    p.add_argument("--sample-images", type=int, default=None, help="images sampled a round (default: 64 on a GPU; CPU 16, sd128 4)")
     p.add_argument("--num-workers", type=int, default=4, help="the literal loader's processes (the original: 4)")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path")
     return run_cli(run, p.parse_args(argv))

@@ -1,6 +1,6 @@
-"""Lay the epoch grids of a training run side by side, in one row: docs/progress.png.
+"""Lay the epoch grids of a training run side by side, in one row (the README's docs/progress.png).
 
-    python docs/make_progress.py runs/flowers64 --epochs 1 10 50 100 170
+    python docs/make_progress.py runs/flowers64 --epochs 1 10 50 100 170 --out docs/progress.png
 
 sd_train.py writes epoch_N.png (8 samples from the same fixed noise) at epoch 1, every
 --sample-every epochs and at the end, so the panels differ only by how long the model trained.
@@ -16,8 +16,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run_dir", help="the --out-dir of a training run")
     p.add_argument("--epochs", type=int, nargs="+", required=True)
-    p.add_argument("--out", default=str(Path(__file__).with_name("progress.png")))
+    p.add_argument("--out", default=None, help="default: progress.png in run_dir")
     args = p.parse_args(argv)
+    args.out = args.out or str(Path(args.run_dir) / "progress.png")
     paths = [Path(args.run_dir) / f"epoch_{e}.png" for e in args.epochs]
     missing = [str(path) for path in paths if not path.is_file()]
     if missing:

@@ -1,10 +1,20 @@
 """Library of the flowers diffusion repo: network (unet), diffusion maths (diffusion), data,
 checkpoints and runtime settings. Scripts at the top level wire them together."""
+import argparse
 import sys
 
 
 class UserError(Exception):
     """A problem with the user's input or files: the scripts print it as one line and exit 2."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with every flag's default, except the empty ones (None, False) that say nothing."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def check_at_least(args, **lowest):

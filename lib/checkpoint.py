@@ -139,9 +139,13 @@ def load_model(path, device="cpu", image_size=None):
     ckpt = read_checkpoint(path, image_size)
     cfg = ckpt["config"]
     try:
-        check_image_size(cfg["image_size"], len(cfg["widths"]) - 1)
         model = build_unet(cfg)
-    except (KeyError, TypeError, ValueError) as e:
+        check_image_size(cfg.get("image_size"), len(cfg["widths"]) - 1)
+    except ValueError as e:
+        if image_size is not None:  # the user's override is what does not fit
+            raise UserError(f"--image-size: {e}") from None
+        raise UserError(f"{path} has an unusable config {cfg} ({e})") from None
+    except (KeyError, TypeError) as e:
         raise UserError(f"{path} has an unusable config {cfg} ({e})") from None
     load_weights(model, ckpt["ema"], path)
     return model.to(device).eval(), ckpt

@@ -11,6 +11,7 @@ random subsets. FID: Heusel et al. 2017, the Frechet distance of Gaussians fitte
 """
 import hashlib
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +143,10 @@ def gaussian_stats(features):
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))."""
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    # Fewer images than features make the product singular; scipy warns each time, sd_eval once.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():  # near-singular product: regularize, as pytorch-fid does
         eps = np.eye(sigma1.shape[0]) * 1e-6
         covmean = linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))

@@ -107,6 +107,11 @@ def test_resume_guards_and_overrides(data_root, tmp_path, capsys):
     # a new run in a used folder would replace its checkpoints: refused, naming the way out
     assert sd_train.main(run_args(data_root, run, "--epochs", "1")) == 2
     assert "--resume" in capsys.readouterr().err
+    # nothing left to do is said before any work, as is a change of the network
+    assert sd_train.main(["--resume", str(run / "last.pt")]) == 2
+    assert "at the end of epoch 1 already: pass --epochs N with N > 1" in capsys.readouterr().err
+    assert sd_train.main(["--resume", str(run / "last.pt"), "--epochs", "2", "--image-size", "64"]) == 2
+    assert "the run used 32" in capsys.readouterr().err
     old = tmp_path / "old.pt"
     shutil.copy(run / "last.pt", old)
     # flags given on resume override the saved ones, the LR schedule's included
@@ -168,7 +173,7 @@ def test_sigterm_saves_last_and_exits_cleanly(data_root, tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
+    assert proc.returncode == 128 + signal.SIGTERM, out  # saved, but not finished
     assert "SIGTERM" in out and "--resume" in out
     state = torch.load(tmp_path / "last.pt", weights_only=True)["train"]
     assert 1 <= state["epoch"] < 1000
