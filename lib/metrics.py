@@ -143,7 +143,8 @@ def gaussian_stats(features):
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))."""
-    # Fewer images than features make the product singular; scipy warns each time, sd_eval once.
+    # Fewer images than features (e.g. 1000 of 1280-d) make the product singular and scipy warns;
+    # the root is still usable, and regularized below where it is not finite.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
         covmean = linalg.sqrtm(sigma1 @ sigma2)

@@ -130,9 +130,9 @@ def test_resume_guards_and_overrides(data_root, tmp_path, capsys):
     assert torch.load(run / "last.pt", weights_only=True)["train"]["epoch"] == 2
     # one-shot flags apply to their own command: that last.pt was written under --overwrite, and
     # resuming it must not overwrite anything unasked; switches turn off with --no-*
-    args, _ = sd_train.resolve_args(["--resume", str(run / "last.pt"), "--no-flip"])
+    args, _ = sd_train.resolve_args(["--resume", str(run / "last.pt"), "--no-flip", "--epochs", "3"])
     assert torch.load(run / "last.pt", weights_only=True)["train"]["args"]["overwrite"]
-    assert not args.overwrite and not args.flip and args.epochs == 2
+    assert not args.overwrite and not args.flip and args.limit == 64  # the rest as saved
 
 
 def test_resume_switching_loss_scaling_on(data_root, tmp_path):
