@@ -75,6 +75,8 @@ def run(args):
     check_at_least(args, num_images=1, steps=1, batch_size=1)
     if args.interpolate and args.num_images < 2:
         raise UserError("--interpolate needs --num-images >= 2")
+    if args.interpolate and args.eta != 0:  # fresh noise at every step would break the smooth path
+        raise UserError("--interpolate runs deterministic DDIM: leave --eta at 0")
     if not 0.0 <= args.eta <= 1.0:
         raise UserError(f"--eta must be in [0, 1], got {args.eta}")
     if args.init_image and not 0.0 < args.strength <= 1.0:
@@ -111,7 +113,7 @@ def run(args):
     else:
         noise = (interpolation_noise(size, args.seed, args.num_images) if args.interpolate
                  else initial_noise(args.num_images, size, args.seed))
-        images = generate(model, noise, mean, std, steps=args.steps, eta=0.0 if args.interpolate else args.eta,
+        images = generate(model, noise, mean, std, steps=args.steps, eta=args.eta,
                           seed=args.seed, precision=precision, batch_size=args.batch_size)
         panels = images
         fig_args = dict(title=f"Interpolation: seed {args.seed} to {args.seed + 1}", cols=args.num_images) \

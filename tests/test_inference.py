@@ -49,6 +49,7 @@ def test_missing_default_model_says_how_to_train_one(tmp_path, monkeypatch, caps
 @pytest.mark.parametrize("argv,message", [
     (["--checkpoint", "CKPT", "--num-images", "0"], "--num-images must be >= 1"),
     (["--checkpoint", "CKPT", "--eta", "2"], "--eta must be in [0, 1]"),
+    (["--checkpoint", "CKPT", "--interpolate", "--eta", "0.5"], "leave --eta at 0"),
     (["--checkpoint", "CKPT", "--image-size", "30"], "--image-size: image size 30 must be a positive multiple of 4"),
     (["--checkpoint", "MISSING"], "checkpoint not found"),
     (["--checkpoint", "TEXT"], "not a readable checkpoint"),
