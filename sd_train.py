@@ -42,7 +42,8 @@ def get_parser():
     p.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
     # data
     p.add_argument("--data-root", default="data", help="folder that holds flowers-102/")
-    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=False, help="let torchvision download Flowers102 into --data-root")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=False,
+                   help="let torchvision download Flowers102 into --data-root")
     p.add_argument("--image-dir", default=None, help="train on the images in this folder (recursively) instead")
     p.add_argument("--limit", type=int, default=None, help="use a fixed subset of N images")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False, help="random horizontal flips")
@@ -72,11 +73,13 @@ def get_parser():
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if there is a GPU")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bf16 on GPUs and on CPUs with native bf16 (AMX/AVX512-BF16), else fp16 (old GPUs) / fp32")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the network (pays off on GPUs, not on CPUs)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the network (pays off on GPUs, not on CPUs)")
     p.add_argument("--literal", action=argparse.BooleanOptionalAction, default=False,
                    help="the original's slow path, to measure against: JPEGs decoded every epoch by --num-workers "
                         "processes, NCHW layout, the literal network formulation, autocast + GradScaler as the original")
-    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=False, help="under torchrun: BatchNorm statistics over all processes' shards")
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=False,
+                   help="under torchrun: BatchNorm statistics over all processes' shards")
     p.add_argument("--seed", type=int, default=0, help="of the weights, times, noise, flips and data order")
     p.add_argument("--resume", default=None, help="last.pt (or best.pt) of a run: continue it; flags given now override")
     p.add_argument("--dry-run", action="store_true", help="print the configuration and parameter count, then exit")
