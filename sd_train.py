@@ -203,12 +203,12 @@ def check_out_dir(args, resumed):
                 raise UserError(f"{last} is further along (step {newer}) than {args.resume} (step "
                                 f"{resumed['train']['global_step']}) and would be replaced: choose another "
                                 "--out-dir, or pass --overwrite")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --out-dir {out_dir}: {e.strerror}") from None
-    if not os.access(out_dir, os.W_OK):
-        raise UserError(f"--out-dir {out_dir} is not writable")
+    # Made only once the data has loaded (a failed start leaves no empty folder); checked now.
+    existing = out_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not (existing.is_dir() and os.access(existing, os.W_OK)):
+        raise UserError(f"cannot write --out-dir {out_dir} ({existing} is not a writable folder)")
     return out_dir
 
 
@@ -299,6 +299,7 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
                            rng={"torch": torch.get_rng_state(), "device": gen_states})
         atomic_save(make_checkpoint(cfg, mean, std, ema.state_dict(), train_state), out_dir / name)
 
+    out_dir.mkdir(parents=True, exist_ok=True)
     stop.arm()
     # Under torchrun, asking every rank costs a device sync; every 10 steps keeps the queue full.
     check_every = 10 if ctx.active else 1

@@ -191,10 +191,17 @@ def test_bad_inputs_exit_2_with_one_line(data_root, tmp_path, capsys):
         (run_args(data_root, tmp_path, "--ema-decay", "5"), "--ema-decay must be in [0, 1)"),
         (run_args(data_root, tmp_path, "--lr", "-1"), "--lr must be > 0"),
     ]
+    (tmp_path / "file").write_text("not a folder")
+    cases += [
+        (run_args(data_root, tmp_path / "file" / "run"), "cannot write --out-dir"),
+        (["--preset", "flowers64", "--data-root", str(tmp_path / "none"), "--out-dir", str(tmp_path / "new")],
+         "flowers-102/jpg"),
+    ]
     for argv, message in cases:
         assert sd_train.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and message in err and "\n" not in err, err
+    assert not (tmp_path / "new").exists()  # a failed start leaves no empty run folder
 
 
 def test_trains_on_a_folder_of_own_pictures(tmp_path):
