@@ -138,3 +138,11 @@ def test_training_tracks_kid_and_keeps_the_best_by_it(tmp_path):
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["train"]
     assert best["best_kid"] == pytest.approx(min(r["kid"] for r in log[: best["epoch"]]), abs=1e-6)
     assert (tmp_path / "run" / "kid_curve.png").is_file()
+
+
+def test_ieee_fp32_context_sets_and_restores_the_gpu_precision_flags():
+    from lib.runtime import ieee_fp32
+    before = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    with ieee_fp32():
+        assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "ieee"
+    assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == before

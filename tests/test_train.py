@@ -215,3 +215,10 @@ def test_trains_on_a_folder_of_own_pictures(tmp_path):
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["norm"]["mean"] != list(FLOWERS_MEAN)  # statistics computed from the folder
     assert ckpt["norm"]["mean"][2] == pytest.approx(200 / 255, abs=1e-3)
+
+
+def test_help_shows_every_default_and_no_empty_ones():
+    text = " ".join(sd_train.get_parser().format_help().split())  # argparse wraps lines
+    assert "passes over the images (default: 500)" in text and "(default: 0.999)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "--flip, --no-flip" in text
