@@ -141,11 +141,9 @@ def load_model(path, device="cpu", image_size=None):
     try:
         model = build_unet(cfg)
         check_image_size(cfg.get("image_size"), len(cfg["widths"]) - 1)
-    except ValueError as e:
-        if image_size is not None:  # the user's override is what does not fit
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, ValueError) and image_size is not None:  # the user's override does not fit
             raise UserError(f"--image-size: {e}") from None
-        raise UserError(f"{path} has an unusable config {cfg} ({e})") from None
-    except (KeyError, TypeError) as e:
         raise UserError(f"{path} has an unusable config {cfg} ({e})") from None
     load_weights(model, ckpt["ema"], path)
     return model.to(device).eval(), ckpt
