@@ -168,8 +168,14 @@ class DecodedBatches:
         return self.images.shape[0]
 
     def batches(self, index_batches):
-        for idx in index_batches:
-            yield self.images[idx.to(self.images.device)]  # (B, 3, S, S) uint8
+        # One host-to-device copy of the indices per epoch. A copy per step blocks the host until
+        # the GPU has drained its queue, so the GPU then idles while the next step is launched
+        # (H100, sd128 compiled: 1446 img/s end to end against 1838 for the step alone).
+        if not len(index_batches):
+            return
+        sizes = [len(idx) for idx in index_batches]
+        for idx in torch.cat(list(index_batches)).to(self.images.device).split(sizes):
+            yield self.images[idx]  # (B, 3, S, S) uint8
 
 
 class JpegBatches:

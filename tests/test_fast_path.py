@@ -19,6 +19,14 @@ def test_jpeg_loader_and_decoded_tensor_give_the_same_images_in_the_same_order(d
         assert diff.max() <= 1 + 1e-4 and diff.mean() < 0.1
 
 
+def test_decoded_batches_index_the_held_images_batch_by_batch():
+    images = torch.arange(10 * 3 * 2 * 2, dtype=torch.uint8).view(10, 3, 2, 2)
+    index_batches = [torch.tensor([7, 1, 3]), torch.tensor([0, 9]), torch.tensor([4])]  # as shard() gives
+    got = list(DecodedBatches(images, CPU).batches(index_batches))
+    assert len(got) == 3 and all(torch.equal(g, images[i]) for g, i in zip(got, index_batches, strict=True))
+    assert list(DecodedBatches(images, CPU).batches([])) == []  # a resumed epoch with nothing left
+
+
 def test_decoded_images_cache_round_trip(data_root, tmp_path):
     a = load_images(32, data_root, limit=20, cache_dir=tmp_path)
     files = list(tmp_path.glob("*.pt"))
