@@ -58,12 +58,12 @@ def autocast(device, precision):
 def ieee_fp32():
     """Inside: fp32 matmuls and convolutions in IEEE precision on GPUs too (no TF32), for numbers
     that must not depend on the hardware (metrics)."""
-    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
-    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "ieee"
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def set_threads():
@@ -97,8 +97,9 @@ def setup(device_name="auto", precision_name="auto"):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
         # The ops autocast leaves in fp32 may use TF32 (10-bit mantissa) tensor cores; --precision
-        # fp32 means IEEE fp32, the same numbers as on a CPU.
-        fp32_math = "ieee" if precision == "fp32" else "tf32"
-        torch.backends.cuda.matmul.fp32_precision = fp32_math
-        torch.backends.cudnn.conv.fp32_precision = fp32_math
+        # fp32 means IEEE fp32, the same numbers as on a CPU. These are the flags that inductor
+        # reads: after torch's newer per-backend `fp32_precision` settings, torch.compile's
+        # max-autotune stops with "mix of the legacy and new APIs" (torch 2.11, H100).
+        tf32 = precision != "fp32"
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     return device, precision

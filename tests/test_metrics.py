@@ -142,7 +142,10 @@ def test_training_tracks_kid_and_keeps_the_best_by_it(tmp_path):
 
 def test_ieee_fp32_context_sets_and_restores_the_gpu_precision_flags():
     from lib.runtime import ieee_fp32
-    before = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
+    before = flags()
     with ieee_fp32():
-        assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "ieee"
-    assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == before
+        assert flags() == (False, False)
+        # The precision as inductor reads it (it raises once the per-backend API was used).
+        assert torch.get_float32_matmul_precision() == "highest"
+    assert flags() == before
