@@ -74,7 +74,7 @@ def get_parser():
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bf16 on GPUs and on CPUs with native bf16 (AMX/AVX512-BF16), else fp16 (old GPUs) / fp32")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the network (pays off on GPUs, not on CPUs)")
+                   help="torch.compile the network (pays off for sd128 on GPUs; not on CPUs or for flowers64)")
     p.add_argument("--literal", action=argparse.BooleanOptionalAction, default=False,
                    help="the original's slow path, to measure against: JPEGs decoded every epoch by --num-workers "
                         "processes, NCHW layout, the literal network formulation, autocast + GradScaler as the original")
