@@ -26,7 +26,7 @@ from lib.checkpoint import atomic_save, make_checkpoint, read_checkpoint
 from lib.data import (FLOWERS_MEAN, FLOWERS_STD, DecodedBatches, JpegBatches, compute_stats, epoch_order, load_images,
                       to_model_space)
 from lib.metrics import KidProbe
-from lib.runtime import PRECISIONS, setup
+from lib.runtime import PRECISIONS, literal_precision, setup
 from lib.sample import generate, initial_noise
 from lib.training import Training
 from lib.unet import PRESETS, build_unet, count_parameters, model_config
@@ -109,6 +109,10 @@ def resolve_args(argv):
     # overwrite, a dry run) apply to the command that gave them only.
     saved = {k: v for k, v in ckpt["train"]["args"].items() if k not in ONE_SHOT}
     merged = {**vars(args), **saved, **explicit}
+    if ckpt["train"]["bad_epochs"] >= merged["early_stop"]:
+        raise UserError(f"{args.resume} stopped early (no new best loss for {ckpt['train']['bad_epochs']} epochs): "
+                        "pass a larger --early-stop to train on")
+    ckpt["explicit"] = set(explicit)  # the flags typed now (restore() lets an explicit --lr reset the LR)
     return argparse.Namespace(**merged), ckpt
 
 
@@ -135,7 +139,7 @@ class StopRequest:
         tqdm.write(f"{signal.Signals(signum).name}: stopping after this step, saving last.pt")
 
 
-def write_log(out_dir, rows):
+def write_log(out_dir, rows, eval_steps):
     """Rewrite the CSV log, the loss curve and (once there is one) the KID curve."""
     with open(out_dir / "training_log.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
@@ -145,7 +149,7 @@ def write_log(out_dir, rows):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     for key, label, name in (("loss", "L1 loss on the noise (epoch mean)", "loss_curve.png"),
-                             ("kid", "KID [efficientnet-lite0], 5-step samples", "kid_curve.png")):
+                             ("kid", f"KID [efficientnet-lite0], {eval_steps}-step samples", "kid_curve.png")):
         points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
         if not points:
             continue
@@ -169,11 +173,16 @@ def restore(resumed, run, sched, gen, state, args, ctx):
     t = resumed["train"]
     run.model.load_state_dict(t["model"])
     run.ema.load_state_dict(resumed["ema"])
+    # Moments and step counts come back; how Adam runs (fused or not) is this run's choice: a run
+    # resumed with --literal switched on or off would otherwise keep the old one (and, fused under
+    # loss scaling, crash).
+    for saved, now in zip(t["optimizer"]["param_groups"], run.opt.param_groups, strict=True):
+        saved.update(fused=now["fused"], foreach=now["foreach"])
     run.opt.load_state_dict(t["optimizer"])
     sched.load_state_dict(t["scheduler"])
     if t["scaler"] and run.scaler.is_enabled():  # empty when the run had no loss scaling (bf16, fp32)
         run.scaler.load_state_dict(t["scaler"])
-    if args.lr != t["args"]["lr"]:  # an explicit --lr on resume restarts the schedule there
+    if "lr" in resumed["explicit"]:  # an explicit --lr on resume restarts the schedule there
         for group in run.opt.param_groups:
             group["lr"] = args.lr
     # The schedule's own settings come from the flags (the saved ones unless overridden now).
@@ -217,8 +226,8 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
     under torchrun (rank 0 of 1 when run alone)."""
     log = print if ctx.is_main else (lambda *a, **k: None)  # one voice: rank 0's
     device, precision = setup(ctx.device or args.device, args.precision)
-    if args.literal and args.precision == "auto":  # the original: autocast's default dtype everywhere
-        precision = "fp16" if device.type == "cuda" else "bf16"
+    if args.literal and args.precision == "auto":
+        precision = literal_precision(device)
     try:  # a resumed run keeps the network its checkpoint describes
         cfg = resumed["config"] if resumed else model_config(args.preset, args.image_size)
     except ValueError as e:
@@ -263,6 +272,8 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
         mean, std = FLOWERS_MEAN, FLOWERS_STD
     n_images = len(data)
     steps_per_epoch = len(distributed.shard(torch.arange(n_images), args.batch_size, ctx))
+    if steps_per_epoch == 0:
+        raise UserError(f"{n_images} image(s) make no batch for {ctx.world_size} processes: use more images or fewer processes")
     log(f"{n_images} images of {cfg['image_size']} px, {count_parameters(model):,} parameters, "
         f"{device} {precision}{' literal path' if args.literal else ''}, {ctx.world_size} process(es) x batch "
         f"{args.batch_size}, {steps_per_epoch} steps per epoch")
@@ -339,6 +350,7 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
 
         loss = state["epoch_loss_sum"] / state["epoch_steps"]
         seconds = state["epoch_seconds"]
+        lr = opt.param_groups[0]["lr"]  # the one this epoch trained with; the schedule may lower it now
         sched.step(loss)
         # The LR schedule and early stopping follow the loss (as the original); best.pt follows --best-by.
         loss_improved = loss < state["best_loss"]
@@ -353,15 +365,15 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
             state["best_kid"] = kid_value
         improved = kid_improved if args.best_by == "kid" else loss_improved
         improved = distributed.any_rank(improved and ctx.is_main, ctx, device)  # KID is known on rank 0 only
-        state["log"].append(dict(epoch=epoch, loss=round(loss, 6), lr=opt.param_groups[0]["lr"], seconds=round(seconds, 2),
+        state["log"].append(dict(epoch=epoch, loss=round(loss, 6), lr=lr, seconds=round(seconds, 2),
                                  images_per_s=round(n_images / seconds, 2),
                                  kid=None if kid_value is None else round(kid_value, 6)))
         state.update(epoch=epoch, images_done=0, epoch_steps=0, epoch_loss_sum=0.0, epoch_seconds=0.0)
-        log(f"epoch {epoch}/{args.epochs}  loss {loss:.4f}  lr {opt.param_groups[0]['lr']:.2e}  "
+        log(f"epoch {epoch}/{args.epochs}  loss {loss:.4f}  lr {lr:.2e}  "
               f"{seconds:.1f}s  {n_images / seconds:.1f} img/s{'' if kid_value is None else f'  KID {kid_value:.4f}'}"
               f"{'  *best*' if improved else ''}")
         if ctx.is_main:
-            write_log(out_dir, state["log"])
+            write_log(out_dir, state["log"], args.eval_steps)
         if ctx.is_main and not interrupted and (epoch == 1 or epoch % args.sample_every == 0 or final):
             grid = generate(ema, sample_noise, mean, std, steps=args.sample_steps, seed=args.seed, precision=precision)
             save_image(grid, out_dir / f"epoch_{epoch}.png", nrow=4)
@@ -371,9 +383,11 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
         if state["bad_epochs"] >= args.early_stop:
             log(f"early stop: no new best loss for {args.early_stop} epochs")
             break
-        if interrupted:
+        if interrupted and not final:
             log(f"stopped after epoch {epoch}; resume with --resume {out_dir / 'last.pt'}")
             return run
+        if interrupted:
+            log("stop request in the last epoch: its sample grid and KID were skipped, the run is complete")
     best_kid = "" if kid_probe is None else f", best KID {state['best_kid']:.4f}"
     log(f"done: {state['epoch']} epoch{'s' * (state['epoch'] != 1)}, best loss {state['best_loss']:.4f}{best_kid}; checkpoints in {out_dir}")
     return run

@@ -46,6 +46,11 @@ def pick_precision(name, device):
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
+def literal_precision(device):
+    """The original's precision: autocast's default dtype on the device (fp16 on CUDA, bf16 on CPU)."""
+    return "fp16" if device.type == "cuda" else "bf16"
+
+
 def autocast(device, precision):
     """Mixed-precision context: weights stay fp32, matmuls/convs run in the low precision."""
     if precision == "fp32":

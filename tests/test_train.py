@@ -101,6 +101,14 @@ def test_stop_at_an_epoch_end_saves_without_sampling_first(data_root, tmp_path):
     assert not (tmp_path / "epoch_1.png").exists()  # the grid (and a KID) would delay last.pt
 
 
+def test_stop_in_the_last_epoch_leaves_a_complete_run(data_root, tmp_path, capsys):
+    args, _ = sd_train.resolve_args(run_args(data_root, tmp_path, "--epochs", "1"))
+    sd_train.train(args, None, StopAfter(5))  # at the end of the only epoch
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["train"]["epoch"] == 1
+    out = capsys.readouterr().out
+    assert "the run is complete" in out and "resume with" not in out
+
+
 def test_resume_guards_and_overrides(data_root, tmp_path, capsys):
     run = tmp_path / "run"
     assert sd_train.main(run_args(data_root, run, "--epochs", "1")) == 0
@@ -133,6 +141,19 @@ def test_resume_guards_and_overrides(data_root, tmp_path, capsys):
     args, _ = sd_train.resolve_args(["--resume", str(run / "last.pt"), "--no-flip", "--epochs", "3"])
     assert torch.load(run / "last.pt", weights_only=True)["train"]["args"]["overwrite"]
     assert not args.overwrite and not args.flip and args.limit == 64  # the rest as saved
+    # an explicit --lr restarts the schedule there, even at the run's first value
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    for group in ckpt["train"]["optimizer"]["param_groups"]:
+        group["lr"] = 1.5e-4  # as if the schedule had halved it
+    torch.save(ckpt, run / "last.pt")
+    assert sd_train.main(["--resume", str(run / "last.pt"), "--epochs", "3", "--lr", "3e-4"]) == 0
+    assert torch.load(run / "last.pt", weights_only=True)["train"]["log"][-1]["lr"] == 3e-4
+    # a run that stopped early stays stopped unless --early-stop grows
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    ckpt["train"]["bad_epochs"] = 5
+    torch.save(ckpt, run / "last.pt")
+    assert sd_train.main(["--resume", str(run / "last.pt"), "--epochs", "4", "--early-stop", "5"]) == 2
+    assert "stopped early" in capsys.readouterr().err
 
 
 def test_resume_switching_loss_scaling_on(data_root, tmp_path):
@@ -140,6 +161,11 @@ def test_resume_switching_loss_scaling_on(data_root, tmp_path):
     assert sd_train.main(run_args(data_root, tmp_path, "--epochs", "1", "--limit", "32")) == 0
     assert sd_train.main(["--resume", str(tmp_path / "last.pt"), "--epochs", "2", "--literal"]) == 0
     assert torch.load(tmp_path / "last.pt", weights_only=True)["train"]["scaler"]  # now a real state
+    # and back to the fast path with fp16 scaling: Adam runs fused again (the literal run's unfused
+    # setting, carried over, made the scaler's fused step fail)
+    assert sd_train.main(["--resume", str(tmp_path / "last.pt"), "--epochs", "3", "--no-literal", "--precision", "fp16"]) == 0
+    groups = torch.load(tmp_path / "last.pt", weights_only=True)["train"]["optimizer"]["param_groups"]
+    assert all(g["fused"] for g in groups)
 
 
 def test_stop_request_before_and_during_training(capsys):
