@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torchvision.transforms as Tv1
 import torchvision.transforms.v2 as T
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchvision.datasets import Flowers102
 
@@ -28,7 +28,11 @@ FLOWERS_LAYOUT = "<root>/flowers-102/jpg/image_00001.jpg ..., <root>/flowers-102
 
 
 def to_rgb(img):
-    """Any PIL mode -> RGB; transparent parts become white (a drawing's background), not black."""
+    """Any PIL mode -> RGB, upright as displayed (EXIF orientation, e.g. phone photos); transparent
+    parts become white (a drawing's background), not black; 16-bit grey scaled, not clipped."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit PNGs: 0..65535 -> 0..255
+        img = img.convert("I").point(lambda v: v / 257).convert("L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         img = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -226,8 +230,10 @@ def to_model_space(images, mean, std, flip_generator=None):
     if flip_generator is not None:
         flip = torch.rand(x.shape[0], 1, 1, 1, device=x.device, generator=flip_generator) < 0.5
         x = torch.where(flip, x.flip(3), x)
-    mean = torch.as_tensor(mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.as_tensor(std, device=x.device).view(1, 3, 1, 1)
+    # Three numbers each, sent without waiting: a blocking host-to-device copy here would make the
+    # host wait for the GPU's queue to drain at every training step.
+    mean, std = (torch.as_tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(x.device, non_blocking=True)
+                 for v in (mean, std))
     return (x - mean) / std
 
 

@@ -1,10 +1,13 @@
+import io
+
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from lib import UserError
 from lib.data import (FLOWERS_MEAN, FLOWERS_STD, compute_stats, epoch_order, load_images, to_image_space,
-                      to_model_space)
+                      to_model_space, to_rgb)
 
 
 def test_flowers102_subset_is_fixed_resized_and_cropped(data_root):
@@ -112,3 +115,17 @@ def test_epoch_order_is_a_permutation_reproducible_per_epoch():
     a, b = epoch_order(100, epoch=3, seed=1), epoch_order(100, epoch=3, seed=1)
     assert torch.equal(a, b) and torch.equal(a.sort().values, torch.arange(100))
     assert not torch.equal(a, epoch_order(100, epoch=4, seed=1))
+
+
+def test_own_pictures_load_upright_and_16_bit_grey_scaled():
+    photo = Image.new("RGB", (64, 32), (255, 0, 0))  # stored landscape, shown portrait (EXIF 6)
+    exif = photo.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    photo.save(buf, format="JPEG", exif=exif)
+    assert to_rgb(Image.open(io.BytesIO(buf.getvalue()))).size == (32, 64)
+    ramp = Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16))  # 0..65520
+    buf = io.BytesIO()
+    ramp.save(buf, format="PNG")
+    grey = np.asarray(to_rgb(Image.open(io.BytesIO(buf.getvalue()))))
+    assert grey.min() == 0 and grey.max() >= 250 and abs(grey.mean() - 127.5) < 2  # a ramp, not clipped white
