@@ -25,18 +25,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lib import HelpFormatter, check_at_least, run_cli  # noqa: E402
+from lib import HelpFormatter, UserError, check_at_least, run_cli  # noqa: E402
 from lib.data import (FLOWERS_MEAN, FLOWERS_STD, DecodedBatches, JpegBatches, epoch_order, load_images,  # noqa: E402
                       to_model_space)
 from lib.diffusion import ddim_sample, training_loss  # noqa: E402
-from lib.runtime import PRECISIONS, autocast, setup  # noqa: E402
+from lib.runtime import PRECISIONS, autocast, literal_precision, setup  # noqa: E402
 from lib.sample import generate, initial_noise  # noqa: E402
 from lib.unet import PRESETS, model_config  # noqa: E402
 from lib.training import Training  # noqa: E402
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by a name fragment.
-GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
-                 "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+# Dense 16-bit tensor-core peaks (FLOP/s) from the vendors' data sheets, by a fragment of the
+# device name (the longest matching one counts): bf16, or fp16 on V100/T4, which have no bf16.
+GPU_PEAK = {"H200": 989e12, "H100": 989e12, "H100 PCIe": 756e12, "H200 NVL": 835e12, "A100": 312e12,
+            "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
+            "V100": 125e12, "T4": 65e12}
 
 LOOKAHEAD = 2  # batches each loader worker prepares ahead (DataLoader's prefetch_factor)
 
@@ -80,6 +82,11 @@ class PeakMemory:
             self.running = False
             self.thread.join()
         self.peak -= self.start
+
+
+def gpu_peak(name):
+    matches = [k for k in GPU_PEAK if k in name]
+    return GPU_PEAK[max(matches, key=len)] if matches else None
 
 
 def rss():
@@ -147,10 +154,12 @@ def bench_preset(preset, args, device, precision):
     batch = args.batch
     steps = args.steps or (20 if preset == "flowers64" or device.type == "cuda" else 4)
     n_images = batch * (steps + args.warmup + LOOKAHEAD * args.num_workers)
-    literal_precision = "fp16" if device.type == "cuda" else "bf16"  # autocast's defaults, as the original
+    jpegs = JpegBatches(cfg["image_size"], device, args.num_workers, data_root=args.data_root, limit=n_images)
+    if len(jpegs) < n_images:
+        raise UserError(f"{preset}: {steps} timed + {args.warmup} warm-up steps of {batch} (and the loader's lookahead) "
+                        f"need {n_images} images, the data has {len(jpegs)}: lower --steps, --warmup or --batch")
     sides = {
-        "literal": (Training(cfg, device, literal_precision, 3e-4, literal=True),
-                    JpegBatches(cfg["image_size"], device, args.num_workers, data_root=args.data_root, limit=n_images)),
+        "literal": (Training(cfg, device, literal_precision(device), 3e-4, literal=True), jpegs),
         "fast": (Training(cfg, device, precision, 3e-4, compile=args.compile),
                  DecodedBatches(load_images(cfg["image_size"], args.data_root, limit=n_images), device)),
     }
@@ -190,9 +199,9 @@ def bench_preset(preset, args, device, precision):
         res = results[name]
         train_ips, sample_ips = max(res["train"]), max(res["sample"])  # best round: least disturbed
         tflops = flops_per_image * train_ips / 1e12
-        peak = next((v for k, v in GPU_BF16_PEAK.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+        peak = gpu_peak(torch.cuda.get_device_name()) if device.type == "cuda" else None
         rows.append(dict(preset=preset, batch=batch, path="fast, compiled" if name == "fast" and args.compile else name,
-                         precision=literal_precision if name == "literal" else precision,
+                         precision=literal_precision(device) if name == "literal" else precision,
                          train=train_ips, sample=sample_ips, train_mem=res["train_mem"] / 2**20,
                          sample_mem=res["sample_mem"] / 2**20, tflops=tflops,
                          mfu=f"{100 * tflops * 1e12 / peak:.1f}%" if peak else "-"))

@@ -50,3 +50,11 @@ def test_fast_path_learns_like_the_literal_path(data_root):
     assert (fast - literal).abs().max() <= 2 * bf16_noise
     assert fast[-20:].mean() < 0.5 * fast[:10].mean()  # and both actually learn
     assert literal[-20:].mean() < 0.5 * literal[:10].mean()
+
+
+def test_benchmark_names_its_peak_and_refuses_too_few_images(data_root, capsys):
+    from benchmarks.benchmark import gpu_peak, main
+    assert gpu_peak("NVIDIA H100 PCIe") == 756e12 and gpu_peak("NVIDIA L40") == 181e12 and gpu_peak("Quadro") is None
+    # 64 x (200 + 2 + 8) images asked of a data set of 8189: one line, before any model is built
+    assert main(["--data-root", str(data_root), "--presets", "flowers64", "--steps", "200"]) == 2
+    assert "need 13440 images, the data has 8189" in capsys.readouterr().err
