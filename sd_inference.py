@@ -43,7 +43,7 @@ def get_parser():
     p.add_argument("--save-dir", default=None, help="also save each image as its own PNG here")
     p.add_argument("--no-show", action="store_true", help="never open a window")
     p.add_argument("--init-image", default=None, help="sketch to image: start from this picture, noised to --strength")
-    p.add_argument("--strength", type=float, default=0.6, help="with --init-image, in (0, 1]: near 0 keeps the picture, 1 ignores it")
+    p.add_argument("--strength", type=float, default=0.6, help="with --init-image, in (0, 1]: near 0 keeps the picture, 1 nearly ignores it")
     p.add_argument("--interpolate", action="store_true", help="a strip from the noise of --seed to that of --seed + 1")
     return p
 

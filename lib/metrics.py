@@ -29,8 +29,8 @@ INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2
 
 
 class EfficientNetLite0(torch.nn.Module):
-    """uint8 (B, 3, H, W) -> (B, 1280): resized to the network's 224 px, scaled to [-1, 1] as
-    TensorFlow's EfficientNet-Lite preprocessing ((x - 127) / 128), globally average pooled."""
+    """uint8 (B, 3, H, W) -> (B, 1280): resized to the network's 224 px, scaled to [-1, 1] (2x/255 - 1;
+    TensorFlow's EfficientNet-Lite preprocessing uses (x - 127) / 128), globally average pooled."""
 
     name = "efficientnet-lite0"
 
