@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -207,7 +208,11 @@ def check_out_dir(args, resumed):
             raise UserError(f"{out_dir} holds a run already (last.pt): continue it with --resume {last}, "
                             "choose another --out-dir, or pass --overwrite")
         if not last.samefile(args.resume):
-            newer = read_checkpoint(last).get("train", {}).get("global_step", 0)
+            there = read_checkpoint(last).get("train", {})
+            if there.get("run_id") != resumed["train"].get("run_id"):
+                raise UserError(f"{last} belongs to another run and would be replaced: choose another --out-dir, "
+                                "or pass --overwrite")
+            newer = there.get("global_step", 0)
             if newer > resumed["train"]["global_step"]:
                 raise UserError(f"{last} is further along (step {newer}) than {args.resume} (step "
                                 f"{resumed['train']['global_step']}) and would be replaced: choose another "
@@ -285,6 +290,8 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
     # another process count knows where to continue) and in global steps.
     state = dict(epoch=0, images_done=0, epoch_steps=0, epoch_loss_sum=0.0, epoch_seconds=0.0, global_step=0,
                  best_loss=math.inf, best_kid=math.inf, bad_epochs=0, log=[])
+    # Which run a checkpoint belongs to, so that resuming never writes over another run's files.
+    run_id = resumed["train"].get("run_id") if resumed else uuid.uuid4().hex
     if resumed:
         restore(resumed, run, sched, gen, state, args, ctx)
         log(f"resumed {args.resume}: epoch {state['epoch'] + 1}, {state['images_done']} images into it")
@@ -305,7 +312,7 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
             torch.distributed.all_gather_object(gen_states, gen.get_state().cpu())
         if not ctx.is_main:
             return
-        train_state = dict(state, args=vars(args), model=model.state_dict(), optimizer=opt.state_dict(),
+        train_state = dict(state, run_id=run_id, args=vars(args), model=model.state_dict(), optimizer=opt.state_dict(),
                            scheduler=sched.state_dict(), scaler=scaler.state_dict(), world_size=ctx.world_size,
                            rng={"torch": torch.get_rng_state(), "device": gen_states})
         atomic_save(make_checkpoint(cfg, mean, std, ema.state_dict(), train_state), out_dir / name)

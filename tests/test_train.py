@@ -130,6 +130,10 @@ def test_resume_guards_and_overrides(data_root, tmp_path, capsys):
     # the older state resumed into the folder would replace the newer last.pt: refused
     assert sd_train.main(["--resume", str(old), "--epochs", "2"]) == 2
     assert "further along" in capsys.readouterr().err
+    # so would a run resumed into another run's folder, however far along either is
+    assert sd_train.main(run_args(data_root, tmp_path / "other", "--epochs", "1", "--seed", "7")) == 0
+    assert sd_train.main(["--resume", str(run / "last.pt"), "--epochs", "3", "--out-dir", str(tmp_path / "other")]) == 2
+    assert "belongs to another run" in capsys.readouterr().err
     # a generator state of another device type (a CUDA run resumed on a CPU) gets fresh streams
     ckpt = torch.load(old, weights_only=True)
     ckpt["train"]["rng"]["device"] = [torch.zeros(16, dtype=torch.uint8)]  # the size of a CUDA state
