@@ -9,6 +9,7 @@ Reads this repo's checkpoints and the original repo's model.pt / best.pt / last.
 """
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -83,6 +84,8 @@ def run(args):
         raise UserError(f"--strength must be in (0, 1], got {args.strength}")
     from matplotlib.backend_bases import FigureCanvasBase
     out = Path(args.out)
+    if args.out.endswith(("/", os.sep)) or out.is_dir():  # a folder: the default name inside it
+        out = out / "generated.png"
     if not out.suffix:  # matplotlib would add .png itself; say the name it really writes
         out = out.with_suffix(".png")
     if out.suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():

@@ -134,9 +134,10 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
+        self.signum = self.signum or signum
         if not self.armed or (self.requested and signum == signal.SIGINT):
             raise KeyboardInterrupt
-        self.requested, self.signum = True, signum
+        self.requested = True
         tqdm.write(f"{signal.Signals(signum).name}: stopping after this step, saving last.pt")
 
 
@@ -202,6 +203,9 @@ def check_out_dir(args, resumed):
     """Refuse, before any heavy work, to write where it would destroy another run's checkpoints
     (a new run in a used folder, or an older state resumed over a newer last.pt)."""
     out_dir = Path(args.out_dir)
+    if args.image_dir and out_dir.resolve().is_relative_to(Path(args.image_dir).resolve()):
+        raise UserError(f"--out-dir {out_dir} is inside --image-dir {args.image_dir}: the run's sample grids would "
+                        "become training images; choose an --out-dir outside it")
     last = out_dir / "last.pt"
     if not args.overwrite and last.is_file():
         if resumed is None:
@@ -356,6 +360,9 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
             return run
 
         loss = state["epoch_loss_sum"] / state["epoch_steps"]
+        if not math.isfinite(loss):  # the same on every rank (all-reduced): all stop together
+            raise UserError(f"the loss became {loss} in epoch {epoch}: training diverged. last.pt keeps the state of "
+                            "the epoch before (nothing saved of this one); try a lower --lr")
         seconds = state["epoch_seconds"]
         lr = opt.param_groups[0]["lr"]  # the one this epoch trained with; the schedule may lower it now
         sched.step(loss)
@@ -408,15 +415,13 @@ def main(argv=None):
         train(args, resumed, stop, distributed.init(args.device))
 
     try:
-        status = run_cli(run, argv)
-        # Stopped early (last.pt saved): not a success, so `sd_train.py ... && export` stops too.
-        return 128 + stop.signum if status == 0 and stop.requested else status
-    except KeyboardInterrupt:  # before training started, or a second Ctrl-C: no traceback
-        print("error: interrupted (last.pt, if any, holds the last saved state)", file=sys.stderr)
-        return 130
+        status = run_cli(run, argv)  # Ctrl-C before training or a second one: 130, one line
     finally:
         stop.restore()
         distributed.close()  # on every exit path: done, stopped, error
+    # Stopped by a signal (last.pt saved, or nothing to save yet): not a success, so that
+    # `sd_train.py ... && export` stops too; 128 + the signal's number, as the shell reports it.
+    return 128 + stop.signum if stop.signum and status in (0, 130) else status
 
 
 if __name__ == "__main__":

@@ -27,10 +27,14 @@ def check_at_least(args, **lowest):
 
 def run_cli(run, args):
     """Run a script's body: a UserError, or a file that cannot be read or written (OSError: no
-    permission, disk full), becomes one line on stderr and exit status 2."""
+    permission, disk full), becomes one line on stderr and exit status 2; Ctrl-C one line and 130
+    (the shell's status for SIGINT). Files are written atomically, so none is left half-written."""
     try:
         run(args)
     except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     return 0

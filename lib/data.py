@@ -220,6 +220,9 @@ def compute_stats(images, chunk=512):
     n = images.shape[0] * images.shape[2] * images.shape[3]
     mean = total / n
     std = (total_sq / n - mean.square()).clamp_min(0).sqrt()
+    if std.min() < 1e-3:  # normalizing would divide by ~0: NaN losses from the first step
+        raise UserError(f"the images do not vary in colour channel {'RGB'[int(std.argmin())]} (std {std.min():.1e}): "
+                        "nothing to normalize or learn")
     return mean.tolist(), std.tolist()
 
 

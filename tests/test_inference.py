@@ -78,3 +78,16 @@ def test_out_without_a_suffix_is_a_png_and_says_so(tmp_path, capsys):
     assert sd_inference.main(["--checkpoint", str(tmp_path / "m.pt"), "--steps", "1", "--num-images", "1",
                               "--out", str(tmp_path / "fig"), "--no-show"]) == 0
     assert (tmp_path / "fig.png").is_file() and str(tmp_path / "fig.png") in capsys.readouterr().out
+    # a folder: the default name inside it, not a file beside it
+    assert sd_inference.main(["--checkpoint", str(tmp_path / "m.pt"), "--steps", "1", "--num-images", "1",
+                              "--out", str(tmp_path) + "/", "--no-show"]) == 0
+    assert (tmp_path / "generated.png").is_file()
+
+
+def test_ctrl_c_is_one_line_and_status_130(capsys):
+    from lib import run_cli
+
+    def body(args):
+        raise KeyboardInterrupt
+    assert run_cli(body, None) == 130
+    assert capsys.readouterr().err == "error: interrupted\n"

@@ -1,4 +1,5 @@
 import csv
+import math
 import shutil
 import signal
 import subprocess
@@ -212,9 +213,11 @@ def test_sigterm_saves_last_and_exits_cleanly(data_root, tmp_path):
 
 
 def test_bad_inputs_exit_2_with_one_line(data_root, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
     cases = [
         (["--preset", "flowers64", "--data-root", str(tmp_path / "none"), "--out-dir", str(tmp_path)], "flowers-102/jpg"),
-        (["--preset", "flowers64", "--image-dir", str(tmp_path), "--out-dir", str(tmp_path)], "holds no images"),
+        (["--preset", "flowers64", "--image-dir", str(tmp_path / "empty"), "--out-dir", str(tmp_path / "new")],
+         "holds no images"),
         (["--preset", "flowers64", "--image-size", "36", "--data-root", str(data_root)], "multiple of 8"),
         (["--resume", str(tmp_path / "missing.pt")], "checkpoint not found"),
         (run_args(data_root, tmp_path, "--epochs", "0"), "--epochs must be >= 1"),
@@ -234,17 +237,30 @@ def test_bad_inputs_exit_2_with_one_line(data_root, tmp_path, capsys):
     assert not (tmp_path / "new").exists()  # a failed start leaves no empty run folder
 
 
-def test_trains_on_a_folder_of_own_pictures(tmp_path):
+def test_trains_on_a_folder_of_own_pictures(tmp_path, capsys):
     from PIL import Image
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
     for i in range(6):
-        Image.new("RGB", (40 + i, 36), (40 * i, 100, 200)).save(tmp_path / f"{i}.png")
+        Image.new("RGB", (40 + i, 36), (40 * i, 100 + 10 * i, 200 - 5 * i)).save(pictures / f"{i}.png")
     out = tmp_path / "run"
-    argv = ["--preset", "flowers64", "--image-size", "16", "--image-dir", str(tmp_path), "--batch-size", "4",
+    argv = ["--preset", "flowers64", "--image-size", "16", "--image-dir", str(pictures), "--batch-size", "4",
             "--epochs", "1", "--num-workers", "0", "--num-samples", "2", "--sample-steps", "2", "--out-dir", str(out)]
     assert sd_train.main(argv) == 0
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["norm"]["mean"] != list(FLOWERS_MEAN)  # statistics computed from the folder
-    assert ckpt["norm"]["mean"][2] == pytest.approx(200 / 255, abs=1e-3)
+    assert ckpt["norm"]["mean"][2] == pytest.approx(187.5 / 255, abs=1e-3)
+    assert math.isfinite(ckpt["train"]["best_loss"])
+    # the run's grids must not become training images of its next run
+    assert sd_train.main(argv[:-1] + [str(pictures / "run")]) == 2
+    assert "inside --image-dir" in capsys.readouterr().err
+    # pictures without variation in a channel cannot be normalized: one line, not NaN losses
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(3):
+        Image.new("RGB", (20, 20), (10 * i, 100, 200)).save(flat / f"{i}.png")
+    assert sd_train.main(argv[:5] + [str(flat)] + argv[6:-1] + [str(tmp_path / "run2")]) == 2
+    assert "do not vary in colour channel G" in capsys.readouterr().err
 
 
 def test_help_shows_every_default_and_no_empty_ones():
