@@ -152,8 +152,15 @@ def load_model(path, device="cpu", image_size=None):
 def export_weights(src, dst):
     """Write the inference part of a checkpoint (config, normalization, EMA weights): a few MB
     instead of the tens that the training state adds. Original-format files come out in ours."""
-    if Path(dst).exists() and Path(dst).samefile(src):
-        raise UserError(f"{dst} is the checkpoint being exported: writing it would drop its training state")
+    if Path(dst).exists():
+        if Path(dst).samefile(src):
+            raise UserError(f"{dst} is the checkpoint being exported: writing it would drop its training state")
+        try:
+            there = read_checkpoint(dst)
+        except UserError:
+            raise UserError(f"{dst} exists and is not a checkpoint: not replaced (choose another name)") from None
+        if "train" in there:  # replacing an exported model (models/x.pt) is the normal case
+            raise UserError(f"{dst} holds a training state (resumable): not replaced (choose another name)")
     ckpt = read_checkpoint(src)
     load_model(src)  # refuse to export weights that do not fit their config
     atomic_save(make_checkpoint(ckpt["config"], ckpt["norm"]["mean"], ckpt["norm"]["std"], ckpt["ema"]), dst)

@@ -149,3 +149,13 @@ def test_export_cli_never_drops_a_training_state(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error:")
     assert main([str(tmp_path / "last.pt"), str(tmp_path / "m.pt")]) == 0
     assert "train" not in read_checkpoint(tmp_path / "m.pt")
+    assert main([str(tmp_path / "last.pt"), str(tmp_path / "m.pt")]) == 0  # an exported model is replaced
+    # ... but never another run's training state, nor a file that is not a checkpoint
+    tiny_checkpoint(tmp_path / "other.pt", train_state={"epoch": 9})
+    (tmp_path / "notes.md").write_text("mine")
+    assert main([str(tmp_path / "last.pt"), str(tmp_path / "other.pt")]) == 2
+    assert "holds a training state" in capsys.readouterr().err
+    assert main([str(tmp_path / "last.pt"), str(tmp_path / "notes.md")]) == 2
+    assert "is not a checkpoint" in capsys.readouterr().err
+    assert read_checkpoint(tmp_path / "other.pt")["train"] == {"epoch": 9}
+    assert (tmp_path / "notes.md").read_text() == "mine"
