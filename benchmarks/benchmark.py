@@ -154,7 +154,8 @@ def bench_preset(preset, args, device, precision):
     batch = args.batch
     steps = args.steps or (20 if preset == "flowers64" or device.type == "cuda" else 4)
     n_images = batch * (steps + args.warmup + LOOKAHEAD * args.num_workers)
-    jpegs = JpegBatches(cfg["image_size"], device, args.num_workers, data_root=args.data_root, limit=n_images)
+    jpegs = JpegBatches(cfg["image_size"], device, args.num_workers, data_root=args.data_root, download=args.download,
+                        limit=n_images)
     if len(jpegs) < n_images:
         raise UserError(f"{preset}: {steps} timed + {args.warmup} warm-up steps of {batch} (and the loader's lookahead) "
                         f"need {n_images} images, the data has {len(jpegs)}: lower --steps, --warmup or --batch")
@@ -211,6 +212,7 @@ def bench_preset(preset, args, device, precision):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--data-root", default="data", help="folder that holds flowers-102/")
+    p.add_argument("--download", action="store_true", help="let torchvision download Flowers102 into --data-root")
     p.add_argument("--presets", nargs="+", default=["flowers64", "sd128"], choices=sorted(PRESETS), help="networks to measure")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if there is a GPU")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="the fast path's precision")

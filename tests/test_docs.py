@@ -30,3 +30,10 @@ def test_progress_strip_shows_the_grids_in_epoch_order(tmp_path, capsys):
     assert len(red) > 100 and len(blue) > 100 and red.max() < blue.min()  # epoch 1 left of epoch 50
     assert make_progress.main([str(tmp_path), "--epochs", "1", "2", "--out", str(out)]) == 2
     assert "epoch_2.png" in capsys.readouterr().err
+    # bad files and names: one line each; a new folder is made, a missing suffix named
+    (tmp_path / "epoch_3.png").write_text("not an image")
+    assert make_progress.main([str(tmp_path), "--epochs", "3", "--out", str(out)]) == 2
+    assert make_progress.main([str(tmp_path), "--epochs", "1", "--out", str(tmp_path / "x.txt")]) == 2
+    assert all(line.startswith("error:") for line in capsys.readouterr().err.splitlines())
+    assert make_progress.main([str(tmp_path), "--epochs", "1", "--out", str(tmp_path / "new" / "strip")]) == 0
+    assert (tmp_path / "new" / "strip.png").is_file() and "strip.png" in capsys.readouterr().out
