@@ -90,10 +90,6 @@ def run(args):
         out = out.with_suffix(".png")
     if out.suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():
         raise UserError(f"--out {out}: matplotlib cannot write {out.suffix} files (use .png, .jpg, .pdf or .svg)")
-    # Folders first: an unwritable place fails now, not after minutes of sampling.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if args.save_dir:
-        Path(args.save_dir).mkdir(parents=True, exist_ok=True)
     if args.checkpoint is None:
         if not DEFAULT_CHECKPOINT.is_file():
             raise UserError(f"the shipped model {DEFAULT_CHECKPOINT} is not there yet; train one with "
@@ -105,8 +101,13 @@ def run(args):
     model = model.to(memory_format=torch.channels_last)
     size = ckpt["config"]["image_size"]
     mean, std = ckpt["norm"]["mean"], ckpt["norm"]["std"]
+    drawing = load_image(args.init_image, size) if args.init_image else None
+    # Folders before sampling, so an unwritable place fails before minutes of work; after the
+    # inputs, so a mistyped checkpoint or picture leaves no empty folders behind.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.save_dir:
+        Path(args.save_dir).mkdir(parents=True, exist_ok=True)
     if args.init_image:
-        drawing = load_image(args.init_image, size)
         rows = [sketch_to_image(model, drawing, mean, std, args.strength, args.steps, args.eta, args.seed + i, precision)
                 for i in range(args.num_images)]
         images = torch.cat([r[1] for r in rows])

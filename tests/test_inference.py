@@ -71,6 +71,10 @@ def test_bad_output_paths_fail_before_sampling(tmp_path, capsys):
         assert sd_inference.main(["--checkpoint", str(tmp_path / "m.pt"), "--out", str(out), "--no-show"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and message in err and "\n" not in err, err
+    # a mistyped checkpoint leaves no empty output folders behind
+    assert sd_inference.main(["--checkpoint", str(tmp_path / "typo.pt"), "--out", str(tmp_path / "figs" / "x.png"),
+                              "--save-dir", str(tmp_path / "imgs"), "--no-show"]) == 2
+    assert not (tmp_path / "figs").exists() and not (tmp_path / "imgs").exists()
 
 
 def test_out_without_a_suffix_is_a_png_and_says_so(tmp_path, capsys):
