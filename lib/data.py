@@ -233,18 +233,18 @@ def to_model_space(images, mean, std, flip_generator=None):
     if flip_generator is not None:
         flip = torch.rand(x.shape[0], 1, 1, 1, device=x.device, generator=flip_generator) < 0.5
         x = torch.where(flip, x.flip(3), x)
-    # Three numbers each, sent without waiting: a blocking host-to-device copy here would make the
-    # host wait for the GPU's queue to drain at every training step.
-    mean, std = (torch.as_tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(x.device, non_blocking=True)
-                 for v in (mean, std))
-    return (x - mean) / std
+    return (x - per_channel(mean, x.device)) / per_channel(std, x.device)
+
+
+def per_channel(values, device):
+    """Three per-channel numbers -> (1, 3, 1, 1) on the device, sent without waiting: a blocking
+    host-to-device copy would make the host wait for the GPU's queue at every training step."""
+    return torch.as_tensor(values, dtype=torch.float32).view(1, 3, 1, 1).to(device, non_blocking=True)
 
 
 def to_image_space(x, mean, std):
     """Normalized (B,3,H,W) -> float images clamped to [0, 1]."""
-    mean = torch.as_tensor(mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.as_tensor(std, device=x.device).view(1, 3, 1, 1)
-    return (x.float() * std + mean).clamp(0, 1)
+    return (x.float() * per_channel(std, x.device) + per_channel(mean, x.device)).clamp(0, 1)
 
 
 def epoch_order(num_images, epoch, seed):
