@@ -331,7 +331,9 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
         batches = distributed.shard(order[state["images_done"]:], args.batch_size, ctx)  # this rank's
         global_sizes = [len(gb) for gb in order[state["images_done"]:].split(args.batch_size * ctx.world_size)]
         model.train()
-        loss_sum = torch.zeros((), device=device)  # this rank's, this session
+        # This rank's, this session. fp64 adds fp32 losses exactly, so a run stopped and resumed
+        # mid-epoch (two partial sums) reports the very loss of an uninterrupted one.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         first = state["epoch_steps"]
         bar = tqdm(data.batches(batches), initial=first, total=first + len(batches), disable=not ctx.is_main,
                    desc=f"epoch {epoch}/{args.epochs}", leave=False, dynamic_ncols=True)
