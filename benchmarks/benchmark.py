@@ -29,7 +29,7 @@ from lib import HelpFormatter, UserError, check_at_least, run_cli  # noqa: E402
 from lib.data import (FLOWERS_MEAN, FLOWERS_STD, DecodedBatches, JpegBatches, epoch_order, load_images,  # noqa: E402
                       to_model_space)
 from lib.diffusion import ddim_sample, training_loss  # noqa: E402
-from lib.runtime import PRECISIONS, autocast, literal_precision, setup  # noqa: E402
+from lib.runtime import PRECISIONS, literal_precision, setup  # noqa: E402
 from lib.sample import generate, initial_noise  # noqa: E402
 from lib.unet import PRESETS, model_config  # noqa: E402
 from lib.training import Training  # noqa: E402
@@ -127,10 +127,12 @@ def train_flops(run, cfg, batch, device):
     """FLOPs of one forward + backward pass, counted on the plain network: torch.compile'd code
     first run under the counter's dispatch mode kept eager speed and memory afterwards (H100,
     sd128: 1305 img/s, 6254 MB; counted this way 1446 img/s, 4680 MB). Adam and the EMA are
-    elementwise: no FLOPs by this count."""
+    elementwise: no FLOPs by this count. Counted in fp32 (FLOPs do not depend on the precision):
+    in bf16 on a CPU the blocks' convolutions run as fused oneDNN calls, which the counter does
+    not know (lib/cpu_fusion.py)."""
     from torch.utils.flop_counter import FlopCounterMode
     x0 = torch.randn(batch, 3, cfg["image_size"], cfg["image_size"], device=device)
-    with FlopCounterMode(display=False) as counter, autocast(device, run.precision):
+    with FlopCounterMode(display=False) as counter:
         training_loss(run.model, x0, torch.Generator(device).manual_seed(0)).backward()
     run.model.zero_grad(set_to_none=True)
     return counter.get_total_flops()

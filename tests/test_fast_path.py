@@ -58,3 +58,19 @@ def test_benchmark_names_its_peak_and_refuses_too_few_images(data_root, capsys):
     # 64 x (200 + 2 + 8) images asked of a data set of 8189: one line, before any model is built
     assert main(["--data-root", str(data_root), "--presets", "flowers64", "--steps", "200"]) == 2
     assert "need 13440 images, the data has 8189" in capsys.readouterr().err
+
+
+def test_benchmark_counts_every_convolution_of_a_training_step():
+    from benchmarks.benchmark import train_flops
+    from lib.training import Training
+    from lib.unet import model_config
+    cfg = model_config("flowers64", image_size=32)
+    widths, size, depth = cfg["widths"], cfg["image_size"], cfg["block_depth"]
+    # The 3x3 convolutions alone: two per residual block, 2 * depth blocks per level (down and up),
+    # depth in the bottleneck; 2 * 9 * C^2 FLOPs per output pixel; backward twice the forward.
+    conv3x3 = sum((4 * depth if i < len(widths) - 1 else 2 * depth) * 2 * 9 * c * c * (size // 2**i) ** 2
+                  for i, c in enumerate(widths))
+    # bf16: on this CPU the blocks run fused oneDNN convolutions, which must count all the same
+    run = Training(cfg, CPU, "bf16", 3e-4)
+    flops = train_flops(run, cfg, 2, CPU) / 2
+    assert 3 * conv3x3 <= flops <= 1.15 * 3 * conv3x3  # the rest: the 1x1 convolutions
