@@ -332,7 +332,8 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
         global_sizes = [len(gb) for gb in order[state["images_done"]:].split(args.batch_size * ctx.world_size)]
         model.train()
         # This rank's, this session. fp64 adds fp32 losses exactly, so a run stopped and resumed
-        # mid-epoch (two partial sums) reports the very loss of an uninterrupted one.
+        # mid-epoch (two partial sums) reports the very loss of an uninterrupted one (with one
+        # process; the division by the process count below can round each part differently).
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         first = state["epoch_steps"]
         bar = tqdm(data.batches(batches), initial=first, total=first + len(batches), disable=not ctx.is_main,

@@ -13,18 +13,32 @@ import platform
 
 import torch
 
+# oneDNN's bf16 convolutions need AVX512 (BW/VL/DQ), AVX-NE-CONVERT or AMX; on other x86 CPUs
+# (AVX2 only) the fused op refuses bf16, where plain conv2d falls back to another kernel.
 _POINTWISE = (torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
-              and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+              and hasattr(torch.ops.mkldnn, "_convolution_pointwise") and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 _UNIT = [1, 1]  # stride and dilation
 
 
 def applies(x):
-    """Whether the fused ops serve x: a bf16 CPU tensor outside torch.compile (which fuses itself)."""
-    return _POINTWISE and x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.compiler.is_compiling()
+    """Whether the fused ops serve x: a bf16 CPU tensor, oneDNN switched on, and not inside
+    torch.compile (which must not trace this op: inductor chooses its own kernels)."""
+    return (_POINTWISE and torch.backends.mkldnn.enabled and x.device.type == "cpu" and x.dtype == torch.bfloat16
+            and not torch.compiler.is_compiling())
 
 
 def _same_padding(weight):
     return [weight.shape[-2] // 2, weight.shape[-1] // 2]
+
+
+def _cast_parameters(conv, dtype):
+    """conv's weight and bias in dtype, after checking that it is the kind of conv these ops run:
+    stride 1, no dilation or groups, zero 'same' padding (the residual blocks' 3x3 convs)."""
+    if (conv.stride, conv.dilation, conv.groups, conv.padding_mode) != ((1, 1), (1, 1), 1, "zeros") \
+            or list(conv.padding) != _same_padding(conv.weight):
+        raise ValueError(f"lib.cpu_fusion runs stride-1, same-padded, ungrouped convolutions only, not {conv}")
+    # Weights stay fp32 (Adam's master copy); the casts are recorded, so their gradients return fp32.
+    return conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype)
 
 
 def _conv_backward(grad_y, x, weight, padding, needs_input_grad):
@@ -76,10 +90,9 @@ class _ConvAdd(torch.autograd.Function):
 
 def conv_leaky_relu(x, conv, slope):
     """leaky_relu(conv(x), slope) for an nn.Conv2d with same padding; x: (B, C_in, H, W) bf16."""
-    # Weights stay fp32 (Adam's master copy); the casts are recorded, so their gradients return fp32.
-    return _ConvLeakyReLU.apply(x, conv.weight.to(x.dtype), conv.bias.to(x.dtype), slope)
+    return _ConvLeakyReLU.apply(x, *_cast_parameters(conv, x.dtype), slope)
 
 
 def conv_add(x, conv, other):
     """conv(x) + other for an nn.Conv2d with same padding; other: (B, C_out, H, W), x's dtype."""
-    return _ConvAdd.apply(x, conv.weight.to(x.dtype), conv.bias.to(x.dtype), other)
+    return _ConvAdd.apply(x, *_cast_parameters(conv, x.dtype), other)

@@ -70,7 +70,7 @@ def test_benchmark_counts_every_convolution_of_a_training_step():
     # depth in the bottleneck; 2 * 9 * C^2 FLOPs per output pixel; backward twice the forward.
     conv3x3 = sum((4 * depth if i < len(widths) - 1 else 2 * depth) * 2 * 9 * c * c * (size // 2**i) ** 2
                   for i, c in enumerate(widths))
-    # bf16: on this CPU the blocks run fused oneDNN convolutions, which must count all the same
+    # A bf16 run: counted under its autocast, the fused oneDNN convolutions would go uncounted
     run = Training(cfg, CPU, "bf16", 3e-4)
     flops = train_flops(run, cfg, 2, CPU) / 2
     assert 3 * conv3x3 <= flops <= 1.15 * 3 * conv3x3  # the rest: the 1x1 convolutions
