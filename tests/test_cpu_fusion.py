@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from lib import cpu_fusion
 from lib.unet import build_unet, model_config
 
-pytestmark = pytest.mark.skipif(not cpu_fusion._POINTWISE, reason="oneDNN fuses bf16 convolutions on x86 CPUs with AVX512 or AMX only")
+pytestmark = pytest.mark.skipif(not cpu_fusion._POINTWISE, reason="no oneDNN bf16 convolutions here (x86 with AVX512, AVX-NE-CONVERT or AMX)")
 
 
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
