@@ -23,7 +23,7 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from lib import HelpFormatter, UserError, check_at_least, distributed, run_cli
-from lib.checkpoint import atomic_save, make_checkpoint, read_checkpoint
+from lib.checkpoint import atomic_save, lock_run_folder, make_checkpoint, read_checkpoint
 from lib.data import (FLOWERS_MEAN, FLOWERS_STD, DecodedBatches, JpegBatches, compute_stats, epoch_order, load_images,
                       to_model_space)
 from lib.metrics import KidProbe
@@ -259,6 +259,9 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
     if args.sync_bn and ctx.active and device.type != "cuda":
         raise UserError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm does not run on CPU processes)")
     out_dir = check_out_dir(args, resumed)
+    # Rank 0 writes: it holds the folder's lock, taken now if the folder exists (before the data
+    # loads), else once it is made. Kept in this frame, so released when train() ends.
+    lock = lock_run_folder(out_dir) if ctx.is_main and out_dir.is_dir() else None
     run = Training(cfg, device, precision, args.lr, literal=args.literal, compile=args.compile,
                    distributed=ctx.active, sync_bn=args.sync_bn and ctx.active)
     model, ema, opt, scaler = run.model, run.ema, run.opt, run.scaler
@@ -322,6 +325,8 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
         atomic_save(make_checkpoint(cfg, mean, std, ema.state_dict(), train_state), out_dir / name)
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main and lock is None:
+        lock = lock_run_folder(out_dir)
     stop.arm()
     # Under torchrun, asking every rank costs a device sync; every 10 steps keeps the queue full.
     check_every = 10 if ctx.active else 1

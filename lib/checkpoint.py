@@ -42,6 +42,34 @@ def atomic_save(obj, path):
         tmp.unlink(missing_ok=True)
 
 
+def lock_run_folder(folder):
+    """Hold an advisory lock on a training run's folder for as long as the returned file is open
+    (the life of the run), so that a second run into the same folder, from another terminal or a
+    --resume of a run still going, is refused instead of interleaving its checkpoints with the
+    first's. The OS drops the lock when the process ends, however it ends: no stale locks. -> the
+    open lock file, or None where there is no flock (Windows) or the file system refuses it."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    f = open(Path(folder) / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise UserError(f"another training run (process {holder}) is writing to {folder}: let it finish, stop it, "
+                        "or choose another --out-dir") from None
+    except OSError:  # e.g. a network file system without locks: train unguarded rather than not at all
+        f.close()
+        return None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
 def read_cache(path):
     """A tensor this repo saved as a cache -> the tensor; None when the file is absent, or torn or
     foreign (then it is recomputed and replaced: a warning, not a failure)."""

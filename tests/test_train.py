@@ -1,5 +1,6 @@
 import csv
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import torch
 
 import sd_train
 from conftest import ROOT, loss_curve, run_args
+from lib.checkpoint import lock_run_folder
 from lib.data import FLOWERS_MEAN, load_images
 from lib.runtime import pick_precision
 
@@ -268,3 +270,15 @@ def test_help_shows_every_default_and_no_empty_ones():
     assert "passes over the images (default: 500)" in text and "(default: 0.999)" in text
     assert "(default: None)" not in text and "(default: False)" not in text
     assert "--flip, --no-flip" in text
+
+
+def test_a_folder_in_use_by_another_run_is_refused(data_root, tmp_path, capsys):
+    # flock locks belong to an open file, so a lock taken here stands for a run in another process
+    held = lock_run_folder(tmp_path)
+    assert sd_train.main(run_args(data_root, tmp_path, "--epochs", "1")) == 2
+    assert f"another training run (process {os.getpid()}) is writing to {tmp_path}" in capsys.readouterr().err
+    held.close()
+    assert sd_train.main(run_args(data_root, tmp_path, "--epochs", "1")) == 0  # free again; the run released it too
+    held = lock_run_folder(tmp_path)
+    assert sd_train.main(["--resume", str(tmp_path / "last.pt"), "--epochs", "2"]) == 2  # a resume of a run still going
+    held.close()
