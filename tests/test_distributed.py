@@ -56,8 +56,9 @@ def test_two_process_run_then_resume(data_root, tmp_path):
         for k, v in r0[part].items():
             if not k.endswith(("running_mean", "running_var", "num_batches_tracked")):  # buffers: rank 0's are saved
                 assert torch.equal(v, r1[part][k]), (part, k)
-    # rank 0 alone wrote the outputs: one log with one row per epoch, one set of files
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "epoch_1.png", "epoch_2.png", "last.pt",
+    # rank 0 alone wrote the outputs: one log with one row per epoch, one set of files (and the
+    # folder's lock file, rank 0's)
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "best.pt", "epoch_1.png", "epoch_2.png", "last.pt",
                                                      "loss_curve.png", "training_log.csv"]
     assert len((out / "training_log.csv").read_text().splitlines()) == 3
     ckpt = torch.load(out / "last.pt", weights_only=True)["train"]
