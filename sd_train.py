@@ -258,10 +258,11 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
         raise UserError("--best-by kid needs --eval-every N")
     if args.sync_bn and ctx.active and device.type != "cuda":
         raise UserError("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm does not run on CPU processes)")
+    # Rank 0 writes: it holds the folder's lock, taken now if the folder exists (before its files
+    # are checked and the data loads), else once it is made. Kept in this frame: released when
+    # train() ends.
+    lock = lock_run_folder(args.out_dir) if ctx.is_main and Path(args.out_dir).is_dir() else None
     out_dir = check_out_dir(args, resumed)
-    # Rank 0 writes: it holds the folder's lock, taken now if the folder exists (before the data
-    # loads), else once it is made. Kept in this frame, so released when train() ends.
-    lock = lock_run_folder(out_dir) if ctx.is_main and out_dir.is_dir() else None
     run = Training(cfg, device, precision, args.lr, literal=args.literal, compile=args.compile,
                    distributed=ctx.active, sync_bn=args.sync_bn and ctx.active)
     model, ema, opt, scaler = run.model, run.ema, run.opt, run.scaler

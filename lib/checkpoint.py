@@ -52,7 +52,10 @@ def lock_run_folder(folder):
         import fcntl
     except ImportError:
         return None
-    f = open(Path(folder) / ".lock", "a+")
+    try:
+        f = open(Path(folder) / ".lock", "a+")
+    except OSError:  # a folder this process cannot write: the caller's checks say so
+        return None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
