@@ -136,6 +136,10 @@ class StopRequest:
     def _handle(self, signum, frame):
         self.signum = self.signum or signum
         if not self.armed or (self.requested and signum == signal.SIGINT):
+            if hasattr(signal, "SIGCHLD"):
+                # A SIGTERM to the whole group also kills the image-decoding workers, and PyTorch's
+                # loader would report their deaths as an error over this stop: not its concern now.
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             raise KeyboardInterrupt
         self.requested = True
         tqdm.write(f"{signal.Signals(signum).name}: stopping after this step, saving last.pt")

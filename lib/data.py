@@ -7,6 +7,7 @@ normalization run on tensors, on whatever device trains.
 """
 import hashlib
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -117,6 +118,15 @@ def _stack_readable(items):
     return torch.stack(images) if images else None
 
 
+def _ignore_stop_signals(worker_id):
+    """worker_init_fn of the training loader. Ctrl-C and SIGTERM reach every process of the group
+    (a terminal, systemd, Slurm): a worker that died of one would end the run with "worker exited
+    unexpectedly" while the main process finishes its step and saves. The workers ignore them and
+    the main process ends them when it stops (a worker also exits when it finds its parent gone)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _loader(dataset, num_workers, **kwargs):
     # More decoding processes than cores only adds contention (and torch warns about it).
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -204,7 +214,8 @@ class JpegBatches:
 
     def batches(self, index_batches):
         loader = DataLoader(self.dataset, num_workers=self.num_workers, collate_fn=_stack_readable,
-                            batch_sampler=[idx.tolist() for idx in index_batches], pin_memory=self.device.type == "cuda")
+                            batch_sampler=[idx.tolist() for idx in index_batches], pin_memory=self.device.type == "cuda",
+                            worker_init_fn=_ignore_stop_signals)
         for images in loader:
             if images is not None:  # None only if every file of the batch was unreadable
                 yield images.to(self.device, non_blocking=True)  # (B, 3, S, S) float in [0, 1]

@@ -282,3 +282,25 @@ def test_a_folder_in_use_by_another_run_is_refused(data_root, tmp_path, capsys):
     held = lock_run_folder(tmp_path)
     assert sd_train.main(["--resume", str(tmp_path / "last.pt"), "--epochs", "2"]) == 2  # a resume of a run still going
     held.close()
+
+
+@pytest.mark.parametrize("stage,extra", [("loading images", ["--limit", "8189"]), ("steps per epoch", ["--literal"])])
+def test_sigterm_to_the_whole_process_group_stops_cleanly(data_root, tmp_path, stage, extra):
+    # systemd, Slurm and `kill -- -PGID` signal every process of the group, the image-decoding
+    # workers too: the run must still stop the orderly way, with no "worker killed" traceback.
+    cmd = [sys.executable, str(ROOT / "sd_train.py"),
+           *run_args(data_root, tmp_path, "--epochs", "1000", "--num-workers", "2", *extra)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines = []
+    while not any(stage in line for line in lines) and (line := proc.stdout.readline()):
+        lines.append(line)
+    time.sleep(1)  # into the decoding (the whole data set: seconds) or into the steps
+    os.killpg(proc.pid, signal.SIGTERM)
+    out = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "Traceback" not in out and "killed by signal" not in out, out
+    if stage == "loading images":
+        assert "error: interrupted" in out  # stopped before training: nothing to save
+    else:
+        assert "SIGTERM: stopping after this step" in out and "--resume" in out
