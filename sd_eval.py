@@ -8,6 +8,7 @@ The real images are prepared exactly as for training (resize, center crop to the
 Lower is better for both; read them against the floor (--floor): two sets of real images of the
 same size score the floor, not zero (FID is biased upwards at small N; KID is unbiased, ~0).
 """
+
 import argparse
 import sys
 import time
@@ -31,18 +32,33 @@ def get_parser():
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     p.add_argument("--seed", type=int, default=0, help="of the sample noise and the KID subsets")
-    p.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's; 64 with --samples-dir or --floor alone")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="default: the checkpoint's; 64 with --samples-dir or --floor alone",
+    )
     p.add_argument("--floor", action="store_true", help="also score N held-out real images against the rest")
     p.add_argument("--data-root", default="data", help="folder that holds flowers-102/")
-    p.add_argument("--download", action="store_true", help="let torchvision download Flowers102 into --data-root")
+    p.add_argument(
+        "--download", action="store_true", help="let torchvision download Flowers102 into --data-root"
+    )
     p.add_argument("--image-dir", default=None, help="real images from this folder instead of Flowers102")
-    p.add_argument("--extractor", default="efficientnet-lite0", choices=EXTRACTORS,
-                   help="feature space: efficientnet-lite0 (offline) or inception (the FID standard)")
-    p.add_argument("--inception-weights", default=None, help="file with the FID Inception weights (no download)")
+    p.add_argument(
+        "--extractor",
+        default="efficientnet-lite0",
+        choices=EXTRACTORS,
+        help="feature space: efficientnet-lite0 (offline) or inception (the FID standard)",
+    )
+    p.add_argument(
+        "--inception-weights", default=None, help="file with the FID Inception weights (no download)"
+    )
     p.add_argument("--cache-dir", default="cache", help="real-image features are cached here")
     p.add_argument("--kid-subsets", type=int, default=100, help="KID: random subsets averaged")
     p.add_argument("--kid-subset-size", type=int, default=1000, help="KID: images per subset (at most all)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if there is a GPU")
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if there is a GPU"
+    )
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="for sampling")
     p.add_argument("--batch-size", type=int, default=100, help="images sampled at once")
     p.add_argument("--num-workers", type=int, default=2, help="processes that decode the real images")
@@ -55,14 +71,21 @@ FEW = 100  # images per side below which the scores are mostly noise
 def score(name, real, fake, args):
     """One output line per metric, naming the feature extractor and the sample sizes."""
     if min(len(real), len(fake)) < 2:
-        raise UserError(f"{name}: KID and FID need at least 2 images on each side, got {len(fake)} vs {len(real)} real")
+        raise UserError(
+            f"{name}: KID and FID need at least 2 images on each side, got {len(fake)} vs {len(real)} real"
+        )
     if min(len(real), len(fake)) < FEW:
-        print(f"note: {name}: under {FEW} images a side, KID and FID are rough (FID most: it estimates a "
-              f"{real.shape[1]}-d covariance); compare runs at the same counts", file=sys.stderr)
+        print(
+            f"note: {name}: under {FEW} images a side, KID and FID are rough (FID most: it estimates a "
+            f"{real.shape[1]}-d covariance); compare runs at the same counts",
+            file=sys.stderr,
+        )
     k_mean, k_std = kid(real, fake, args.kid_subsets, args.kid_subset_size, seed=args.seed)
     f = fid(real, fake)
-    print(f"{name}: KID [{args.extractor}] {k_mean:.5f} ± {k_std:.5f}   FID [{args.extractor}] {f:.3f}   "
-          f"({len(fake)} vs {len(real)} real)")
+    print(
+        f"{name}: KID [{args.extractor}] {k_mean:.5f} ± {k_std:.5f}   FID [{args.extractor}] {f:.3f}   "
+        f"({len(fake)} vs {len(real)} real)"
+    )
     return k_mean, f
 
 
@@ -71,8 +94,16 @@ def run(args):
         raise UserError("--checkpoint and --samples-dir are two things to score: choose one")
     if args.checkpoint is None and args.samples_dir is None and not args.floor:
         raise UserError("give --checkpoint or --samples-dir (or --floor alone)")
-    check_at_least(args, num_samples=2, steps=1, batch_size=1, kid_subsets=1, kid_subset_size=2, num_workers=0,
-                   image_size=1)
+    check_at_least(
+        args,
+        num_samples=2,
+        steps=1,
+        batch_size=1,
+        kid_subsets=1,
+        kid_subset_size=2,
+        num_workers=0,
+        image_size=1,
+    )
     if not 0.0 <= args.eta <= 1.0:
         raise UserError(f"--eta must be in [0, 1], got {args.eta}")
     device, precision = setup(args.device, args.precision)
@@ -87,17 +118,38 @@ def run(args):
         size = fake.shape[-1]
     else:
         size = args.image_size or 64
-    real = load_images(size, args.data_root, args.image_dir, args.download, num_workers=args.num_workers,
-                       cache_dir=args.cache_dir)
+    real = load_images(
+        size,
+        args.data_root,
+        args.image_dir,
+        args.download,
+        num_workers=args.num_workers,
+        cache_dir=args.cache_dir,
+    )
     extractor = build_extractor(args.extractor, args.inception_weights)
     real_features = reference_features(extractor, real, args.cache_dir, device)
-    print(f"real: {len(real)} images at {size} px, features [{args.extractor}] in {time.perf_counter() - t0:.0f}s")
+    print(
+        f"real: {len(real)} images at {size} px, features [{args.extractor}] in {time.perf_counter() - t0:.0f}s"
+    )
     if model is not None:
         t1 = time.perf_counter()
         noise = initial_noise(args.num_samples, size, args.seed)
-        fake = to_uint8(generate(model, noise, ckpt["norm"]["mean"], ckpt["norm"]["std"], steps=args.steps,
-                                 eta=args.eta, seed=args.seed, precision=precision, batch_size=args.batch_size))
-        print(f"generated {len(fake)} samples ({args.steps} steps, eta {args.eta}) in {time.perf_counter() - t1:.0f}s")
+        fake = to_uint8(
+            generate(
+                model,
+                noise,
+                ckpt["norm"]["mean"],
+                ckpt["norm"]["std"],
+                steps=args.steps,
+                eta=args.eta,
+                seed=args.seed,
+                precision=precision,
+                batch_size=args.batch_size,
+            )
+        )
+        print(
+            f"generated {len(fake)} samples ({args.steps} steps, eta {args.eta}) in {time.perf_counter() - t1:.0f}s"
+        )
     if fake is not None:
         score("samples", real_features, extract_features(extractor, fake, device=device), args)
     if args.floor:

@@ -7,6 +7,7 @@
 
 Reads this repo's checkpoints and the original repo's model.pt / best.pt / last.pt alike.
 """
+
 import argparse
 import math
 import os
@@ -28,24 +29,46 @@ NON_INTERACTIVE = {"agg", "pdf", "ps", "svg", "pgf", "cairo", "template"}
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=HelpFormatter)
-    p.add_argument("--checkpoint", default=None, help="a checkpoint of this repo or of the original (default: models/flowers64.pt)")
-    p.add_argument("--num-images", type=int, default=None,
-                   help="default: 8 samples; with --init-image 1 result (each from other noise); with --interpolate 8 frames")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a checkpoint of this repo or of the original (default: models/flowers64.pt)",
+    )
+    p.add_argument(
+        "--num-images",
+        type=int,
+        default=None,
+        help="default: 8 samples; with --init-image 1 result (each from other noise); with --interpolate 8 frames",
+    )
     p.add_argument("--steps", type=int, default=20, help="DDIM sampling steps")
-    p.add_argument("--eta", type=float, default=0.0, help="0: deterministic DDIM (the original); 1: DDPM-like")
+    p.add_argument(
+        "--eta", type=float, default=0.0, help="0: deterministic DDIM (the original); 1: DDPM-like"
+    )
     p.add_argument("--seed", type=int, default=0, help="same seed, same images")
     p.add_argument("--image-size", type=int, default=None, help="override the checkpoint's image size")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if there is a GPU")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="fp32 reproduces the original exactly")
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if there is a GPU"
+    )
+    p.add_argument(
+        "--precision", default="auto", choices=PRECISIONS, help="fp32 reproduces the original exactly"
+    )
     p.add_argument("--batch-size", type=int, default=64, help="images sampled at once")
     p.add_argument("--out", default="generated.png", help="where the figure is saved")
     p.add_argument("--save-dir", default=None, help="also save each image as its own PNG here")
     p.add_argument("--no-show", action="store_true", help="never open a window")
-    p.add_argument("--init-image", default=None, help="sketch to image: start from this picture, noised to --strength")
-    p.add_argument("--strength", type=float, default=0.6, help="with --init-image, in (0, 1]: near 0 keeps the picture, 1 nearly ignores it")
-    p.add_argument("--interpolate", action="store_true", help="a strip from the noise of --seed to that of --seed + 1")
+    p.add_argument(
+        "--init-image", default=None, help="sketch to image: start from this picture, noised to --strength"
+    )
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=0.6,
+        help="with --init-image, in (0, 1]: near 0 keeps the picture, 1 nearly ignores it",
+    )
+    p.add_argument(
+        "--interpolate", action="store_true", help="a strip from the noise of --seed to that of --seed + 1"
+    )
     return p
 
 
@@ -53,11 +76,14 @@ def figure(images, title="Generated Images", cols=4, labels=None):
     """(N, 3, H, W) in [0, 1] -> a matplotlib figure, `cols` images a row (2x4 for eight, as the
     original), optional captions under each panel."""
     import matplotlib.pyplot as plt
+
     n = images.shape[0]
     cols = min(n, cols)
     rows = math.ceil(n / cols)
     # constrained layout keeps room for the title at any number of rows (tight_layout does not)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.5 * cols, 2.5 * rows + 0.4), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(2.5 * cols, 2.5 * rows + 0.4), squeeze=False, layout="constrained"
+    )
     for ax in axes.flat:
         ax.axis("off")
     for i, (ax, img) in enumerate(zip(axes.flat, images)):
@@ -83,18 +109,23 @@ def run(args):
     if args.init_image and not 0.0 < args.strength <= 1.0:
         raise UserError(f"--strength must be in (0, 1], got {args.strength}")
     from matplotlib.backend_bases import FigureCanvasBase
+
     out = Path(args.out)
     if args.out.endswith(("/", os.sep)) or out.is_dir():  # a folder: the default name inside it
         out = out / "generated.png"
     if not out.suffix:  # matplotlib would add .png itself; say the name it really writes
         out = out.with_suffix(".png")
     if out.suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():
-        raise UserError(f"--out {out}: matplotlib cannot write {out.suffix} files (use .png, .jpg, .pdf or .svg)")
+        raise UserError(
+            f"--out {out}: matplotlib cannot write {out.suffix} files (use .png, .jpg, .pdf or .svg)"
+        )
     if args.checkpoint is None:
         if not DEFAULT_CHECKPOINT.is_file():
-            raise UserError(f"the shipped model {DEFAULT_CHECKPOINT} is not there yet; train one with "
-                            "`python sd_train.py --preset flowers64 --data-root <folder with flowers-102/>` "
-                            "and pass --checkpoint output_sd/best.pt")
+            raise UserError(
+                f"the shipped model {DEFAULT_CHECKPOINT} is not there yet; train one with "
+                "`python sd_train.py --preset flowers64 --data-root <folder with flowers-102/>` "
+                "and pass --checkpoint output_sd/best.pt"
+            )
         args.checkpoint = DEFAULT_CHECKPOINT
     device, precision = setup(args.device, args.precision)
     model, ckpt = load_model(args.checkpoint, device, args.image_size)
@@ -108,20 +139,42 @@ def run(args):
     if args.save_dir:
         Path(args.save_dir).mkdir(parents=True, exist_ok=True)
     if args.init_image:
-        rows = [sketch_to_image(model, drawing, mean, std, args.strength, args.steps, args.eta, args.seed + i, precision)
-                for i in range(args.num_images)]
+        rows = [
+            sketch_to_image(
+                model, drawing, mean, std, args.strength, args.steps, args.eta, args.seed + i, precision
+            )
+            for i in range(args.num_images)
+        ]
         images = torch.cat([r[1] for r in rows])
         panels = torch.cat([torch.cat([drawing.float() / 255, noisy, result]) for noisy, result in rows])
-        fig_args = dict(title=f"Sketch to image (strength {args.strength})", cols=3,
-                        labels=["drawing", f"noised to t={args.strength}", "result"])
+        fig_args = dict(
+            title=f"Sketch to image (strength {args.strength})",
+            cols=3,
+            labels=["drawing", f"noised to t={args.strength}", "result"],
+        )
     else:
-        noise = (interpolation_noise(size, args.seed, args.num_images) if args.interpolate
-                 else initial_noise(args.num_images, size, args.seed))
-        images = generate(model, noise, mean, std, steps=args.steps, eta=args.eta,
-                          seed=args.seed, precision=precision, batch_size=args.batch_size)
+        noise = (
+            interpolation_noise(size, args.seed, args.num_images)
+            if args.interpolate
+            else initial_noise(args.num_images, size, args.seed)
+        )
+        images = generate(
+            model,
+            noise,
+            mean,
+            std,
+            steps=args.steps,
+            eta=args.eta,
+            seed=args.seed,
+            precision=precision,
+            batch_size=args.batch_size,
+        )
         panels = images
-        fig_args = dict(title=f"Interpolation: seed {args.seed} to {args.seed + 1}", cols=args.num_images) \
-            if args.interpolate else {}
+        fig_args = (
+            dict(title=f"Interpolation: seed {args.seed} to {args.seed + 1}", cols=args.num_images)
+            if args.interpolate
+            else {}
+        )
 
     if args.save_dir:
         save_dir = Path(args.save_dir)
@@ -130,6 +183,7 @@ def run(args):
         print(f"saved {len(images)} image{'s' * (len(images) != 1)} of {size}x{size} to {save_dir}")
     # Headless machines get a file; a window only opens where matplotlib found a GUI backend.
     import matplotlib.pyplot as plt
+
     fig = figure(panels, **fig_args)
     fig.savefig(out, dpi=100)
     print(f"saved the figure to {out}")

@@ -11,6 +11,7 @@ For each preset, in alternating rounds (so drifts in clock speed or load hit bot
           after the timed rounds in a pass of its own
   MFU     (GPU) model FLOPs of a training step (torch.utils.flop_counter) x steps/s / bf16 peak
 """
+
 import argparse
 import ctypes
 import ctypes.util
@@ -26,8 +27,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lib import HelpFormatter, UserError, check_at_least, run_cli  # noqa: E402
-from lib.data import (FLOWERS_MEAN, FLOWERS_STD, DecodedBatches, JpegBatches, epoch_order, load_images,  # noqa: E402
-                      to_model_space)
+from lib.data import (
+    FLOWERS_MEAN,
+    FLOWERS_STD,
+    DecodedBatches,
+    JpegBatches,
+    epoch_order,
+    load_images,  # noqa: E402
+    to_model_space,
+)
 from lib.diffusion import ddim_sample, training_loss  # noqa: E402
 from lib.runtime import PRECISIONS, literal_precision, setup  # noqa: E402
 from lib.sample import generate, initial_noise  # noqa: E402
@@ -36,9 +44,21 @@ from lib.training import Training  # noqa: E402
 
 # Dense 16-bit tensor-core peaks (FLOP/s) from the vendors' data sheets, by a fragment of the
 # device name (the longest matching one counts): bf16, or fp16 on V100/T4, which have no bf16.
-GPU_PEAK = {"H200": 989e12, "H100": 989e12, "H100 PCIe": 756e12, "H200 NVL": 835e12, "A100": 312e12,
-            "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
-            "V100": 125e12, "T4": 65e12}
+GPU_PEAK = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "H100 PCIe": 756e12,
+    "H200 NVL": 835e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L40": 181e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
 
 LOOKAHEAD = 2  # batches each loader worker prepares ahead (DataLoader's prefetch_factor)
 
@@ -131,6 +151,7 @@ def train_flops(run, cfg, batch, device):
     in bf16 on a CPU the blocks' convolutions run as fused oneDNN calls, which the counter does
     not know (lib/cpu_fusion.py)."""
     from torch.utils.flop_counter import FlopCounterMode
+
     x0 = torch.randn(batch, 3, cfg["image_size"], cfg["image_size"], device=device)
     with FlopCounterMode(display=False) as counter:
         training_loss(run.model, x0, torch.Generator(device).manual_seed(0)).backward()
@@ -156,15 +177,25 @@ def bench_preset(preset, args, device, precision):
     batch = args.batch
     steps = args.steps or (20 if preset == "flowers64" or device.type == "cuda" else 4)
     n_images = batch * (steps + args.warmup + LOOKAHEAD * args.num_workers)
-    jpegs = JpegBatches(cfg["image_size"], device, args.num_workers, data_root=args.data_root, download=args.download,
-                        limit=n_images)
+    jpegs = JpegBatches(
+        cfg["image_size"],
+        device,
+        args.num_workers,
+        data_root=args.data_root,
+        download=args.download,
+        limit=n_images,
+    )
     if len(jpegs) < n_images:
-        raise UserError(f"{preset}: {steps} timed + {args.warmup} warm-up steps of {batch} (and the loader's lookahead) "
-                        f"need {n_images} images, the data has {len(jpegs)}: lower --steps, --warmup or --batch")
+        raise UserError(
+            f"{preset}: {steps} timed + {args.warmup} warm-up steps of {batch} (and the loader's lookahead) "
+            f"need {n_images} images, the data has {len(jpegs)}: lower --steps, --warmup or --batch"
+        )
     sides = {
         "literal": (Training(cfg, device, literal_precision(device), 3e-4, literal=True), jpegs),
-        "fast": (Training(cfg, device, precision, 3e-4, compile=args.compile),
-                 DecodedBatches(load_images(cfg["image_size"], args.data_root, limit=n_images), device)),
+        "fast": (
+            Training(cfg, device, precision, 3e-4, compile=args.compile),
+            DecodedBatches(load_images(cfg["image_size"], args.data_root, limit=n_images), device),
+        ),
     }
     fast = sides["fast"][0]
     flops_per_image = train_flops(fast, cfg, 2, device) / 2  # FLOPs grow linearly with the batch
@@ -187,8 +218,11 @@ def bench_preset(preset, args, device, precision):
             seconds = time_training(run, data, n_images, batch, steps, args.warmup, r, device)
             results[name]["train"].append(batch * steps / seconds)
             results[name]["sample"].append(sample(name, run))
-            print(f"  {preset} round {r + 1} {name}: train {results[name]['train'][-1]:.2f} img/s, "
-                  f"sample {results[name]['sample'][-1]:.2f} img/s", file=sys.stderr)
+            print(
+                f"  {preset} round {r + 1} {name}: train {results[name]['train'][-1]:.2f} img/s, "
+                f"sample {results[name]['sample'][-1]:.2f} img/s",
+                file=sys.stderr,
+            )
     # Memory in a pass of its own: the CPU's RSS sampling thread would slow the timed rounds (~3%).
     for name, (run, data) in sides.items():
         with PeakMemory(device) as mem:
@@ -203,27 +237,57 @@ def bench_preset(preset, args, device, precision):
         train_ips, sample_ips = max(res["train"]), max(res["sample"])  # best round: least disturbed
         tflops = flops_per_image * train_ips / 1e12
         peak = gpu_peak(torch.cuda.get_device_name()) if device.type == "cuda" else None
-        rows.append(dict(preset=preset, batch=batch, path="fast, compiled" if name == "fast" and args.compile else name,
-                         precision=literal_precision(device) if name == "literal" else precision,
-                         train=train_ips, sample=sample_ips, train_mem=res["train_mem"] / 2**20,
-                         sample_mem=res["sample_mem"] / 2**20, tflops=tflops,
-                         mfu=f"{100 * tflops * 1e12 / peak:.1f}%" if peak else "-"))
+        rows.append(
+            dict(
+                preset=preset,
+                batch=batch,
+                path="fast, compiled" if name == "fast" and args.compile else name,
+                precision=literal_precision(device) if name == "literal" else precision,
+                train=train_ips,
+                sample=sample_ips,
+                train_mem=res["train_mem"] / 2**20,
+                sample_mem=res["sample_mem"] / 2**20,
+                tflops=tflops,
+                mfu=f"{100 * tflops * 1e12 / peak:.1f}%" if peak else "-",
+            )
+        )
     return rows
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--data-root", default="data", help="folder that holds flowers-102/")
-    p.add_argument("--download", action="store_true", help="let torchvision download Flowers102 into --data-root")
-    p.add_argument("--presets", nargs="+", default=["flowers64", "sd128"], choices=sorted(PRESETS), help="networks to measure")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if there is a GPU")
+    p.add_argument(
+        "--download", action="store_true", help="let torchvision download Flowers102 into --data-root"
+    )
+    p.add_argument(
+        "--presets",
+        nargs="+",
+        default=["flowers64", "sd128"],
+        choices=sorted(PRESETS),
+        help="networks to measure",
+    )
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if there is a GPU"
+    )
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="the fast path's precision")
     p.add_argument("--batch", type=int, default=64, help="training batch (64 is the original's)")
-    p.add_argument("--steps", type=int, default=None, help="timed training steps a round (default 20; sd128 on CPU 4)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="timed training steps a round (default 20; sd128 on CPU 4)"
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each timed round")
-    p.add_argument("--rounds", type=int, default=2, help="timed rounds per path, interleaved; the best counts")
-    p.add_argument("--sample-images", type=int, default=None, help="images sampled a round (default: 64 on a GPU; CPU 16, sd128 4)")
-    p.add_argument("--num-workers", type=int, default=4, help="the literal loader's processes (the original: 4)")
+    p.add_argument(
+        "--rounds", type=int, default=2, help="timed rounds per path, interleaved; the best counts"
+    )
+    p.add_argument(
+        "--sample-images",
+        type=int,
+        default=None,
+        help="images sampled a round (default: 64 on a GPU; CPU 16, sd128 4)",
+    )
+    p.add_argument(
+        "--num-workers", type=int, default=4, help="the literal loader's processes (the original: 4)"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path")
     return run_cli(run, p.parse_args(argv))
 
@@ -235,13 +299,17 @@ def run(args):
     rows = [row for preset in args.presets for row in bench_preset(preset, args, device, precision)]
     mem = "working GPU memory MB" if device.type == "cuda" else "working memory MB"
     print(f"\nMachine: {machine(device)}\n")
-    print(f"| preset | batch | path | precision | train img/s | x | sample img/s (20 steps) | x | {mem} train / sample | train TFLOP/s | MFU |")
+    print(
+        f"| preset | batch | path | precision | train img/s | x | sample img/s (20 steps) | x | {mem} train / sample | train TFLOP/s | MFU |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         base = next(r for r in rows if r["preset"] == row["preset"] and r["path"] == "literal")
-        print(f"| {row['preset']} | {row['batch']} | {row['path']} | {row['precision']} | {row['train']:.1f} | "
-              f"{row['train'] / base['train']:.2f} | {row['sample']:.1f} | {row['sample'] / base['sample']:.2f} | "
-              f"{row['train_mem']:.0f} / {row['sample_mem']:.0f} | {row['tflops']:.2f} | {row['mfu']} |")
+        print(
+            f"| {row['preset']} | {row['batch']} | {row['path']} | {row['precision']} | {row['train']:.1f} | "
+            f"{row['train'] / base['train']:.2f} | {row['sample']:.1f} | {row['sample'] / base['sample']:.2f} | "
+            f"{row['train_mem']:.0f} / {row['sample_mem']:.0f} | {row['tflops']:.2f} | {row['mfu']} |"
+        )
 
 
 if __name__ == "__main__":

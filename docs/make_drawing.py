@@ -1,7 +1,8 @@
 """Draw docs/drawing.png: a flat-colour flower like a quick sketch, the input of sketch-to-image.
 
-    python docs/make_drawing.py
+python docs/make_drawing.py
 """
+
 import math
 from pathlib import Path
 

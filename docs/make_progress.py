@@ -5,6 +5,7 @@
 sd_train.py writes epoch_N.png (8 samples from the same fixed noise) at epoch 1, every
 --sample-every epochs and at the end, so the panels differ only by how long the model trained.
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -32,8 +33,10 @@ def run(args):
         raise UserError(f"no such grid: {', '.join(missing)}")
 
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, len(paths), figsize=(2.9 * len(paths), 1.9), squeeze=False)
     for ax, epoch, path in zip(axes[0], args.epochs, paths, strict=True):
         try:

@@ -1,8 +1,9 @@
 """Draw the U-Net of a preset from the network itself: docs/unet.png.
 
-    python docs/make_unet_diagram.py            # flowers64
-    python docs/make_unet_diagram.py sd128
+python docs/make_unet_diagram.py            # flowers64
+python docs/make_unet_diagram.py sd128
 """
+
 import sys
 from pathlib import Path
 
@@ -25,35 +26,67 @@ def draw_unet(preset="flowers64"):
     ax.axis("off")
 
     def box(x, y, text, color):
-        ax.add_patch(FancyBboxPatch((x - 1.3, y - 0.33), 2.6, 0.66, boxstyle="round,pad=0.04", fc=color, ec="0.3"))
+        ax.add_patch(
+            FancyBboxPatch((x - 1.3, y - 0.33), 2.6, 0.66, boxstyle="round,pad=0.04", fc=color, ec="0.3")
+        )
         ax.text(x, y, text, ha="center", va="center", fontsize=8)
 
     def arrow(x0, y0, x1, y1, **kw):
-        ax.annotate("", (x1, y1), (x0, y0), arrowprops=dict(arrowstyle="->", color=kw.get("color", "0.3"), lw=1.2))
+        ax.annotate(
+            "", (x1, y1), (x0, y0), arrowprops=dict(arrowstyle="->", color=kw.get("color", "0.3"), lw=1.2)
+        )
 
     top = levels + 1
-    box(1.5, top, f"noisy image 3 x {size}²\n+ noise variance -> sin/cos embedding ({cfg['embedding_dim']})", "#eeeeee")
-    box(9.5, top, f"predicted noise 3 x {size}²\nout_conv 1x1 ({count_parameters(model.out_conv):,} params)", "#eeeeee")
+    box(
+        1.5,
+        top,
+        f"noisy image 3 x {size}²\n+ noise variance -> sin/cos embedding ({cfg['embedding_dim']})",
+        "#eeeeee",
+    )
+    box(
+        9.5,
+        top,
+        f"predicted noise 3 x {size}²\nout_conv 1x1 ({count_parameters(model.out_conv):,} params)",
+        "#eeeeee",
+    )
     for i in range(levels):
         y, res, w = top - 1 - i, size // 2**i, cfg["widths"][i]
         down = model.down_blocks[i]
-        box(1.5 + 0.9 * i, y, f"{cfg['block_depth']} res blocks, {w} ch @ {res}²\n"
-                               f"{count_parameters(down):,} params, then avg-pool 2x", "#cfe3ff")
+        box(
+            1.5 + 0.9 * i,
+            y,
+            f"{cfg['block_depth']} res blocks, {w} ch @ {res}²\n"
+            f"{count_parameters(down):,} params, then avg-pool 2x",
+            "#cfe3ff",
+        )
         up = model.up_blocks[levels - 1 - i]
-        box(9.5 - 0.9 * i, y, f"upsample 2x, {cfg['block_depth']} res blocks\n{w} ch @ {res}², "
-                               f"{count_parameters(up):,} params", "#ffe0c2")
+        box(
+            9.5 - 0.9 * i,
+            y,
+            f"upsample 2x, {cfg['block_depth']} res blocks\n{w} ch @ {res}², {count_parameters(up):,} params",
+            "#ffe0c2",
+        )
         arrow(2.85 + 0.9 * i, y, 8.15 - 0.9 * i, y, color="#4a8")
         ax.text(5.5, y + 0.08, f"{cfg['block_depth']} skips", ha="center", fontsize=7, color="#4a8")
-        arrow(1.5 + 0.9 * i, y + 0.67, 1.5 + 0.9 * i, y + 0.35) if i else arrow(1.5, top - 0.35, 1.5, y + 0.35)
+        arrow(1.5 + 0.9 * i, y + 0.67, 1.5 + 0.9 * i, y + 0.35) if i else arrow(
+            1.5, top - 0.35, 1.5, y + 0.35
+        )
         arrow(9.5 - 0.9 * i, y + 0.35, 9.5 - 0.9 * i, y + 0.67)
     yb, res = top - 1 - levels, size // 2**levels
-    box(5.5, yb, f"bottleneck: {cfg['block_depth']} res blocks, {cfg['widths'][-1]} ch @ {res}²\n"
-                 f"{count_parameters(model.bottleneck):,} params", "#d9f2d0")
+    box(
+        5.5,
+        yb,
+        f"bottleneck: {cfg['block_depth']} res blocks, {cfg['widths'][-1]} ch @ {res}²\n"
+        f"{count_parameters(model.bottleneck):,} params",
+        "#d9f2d0",
+    )
     arrow(1.5 + 0.9 * (levels - 1), yb + 0.67, 4.2, yb)
     arrow(6.8, yb, 9.5 - 0.9 * (levels - 1), yb + 0.67)
-    ax.set_title(f"U-Net '{preset}': {count_parameters(model):,} parameters "
-                 "(res block: [1x1 conv if the width changes] -> BN -> 3x3 conv -> LeakyReLU -> 3x3 conv, + input)",
-                 fontsize=9)
+    ax.set_title(
+        f"U-Net '{preset}': {count_parameters(model):,} parameters "
+        "(res block: [1x1 conv if the width changes] -> BN -> 3x3 conv -> LeakyReLU -> 3x3 conv, + input)",
+        fontsize=9,
+    )
     fig.tight_layout()
     return fig
 

@@ -1,5 +1,6 @@
 """Library of the flowers diffusion repo: network (unet), diffusion maths (diffusion), data,
 checkpoints and runtime settings. Scripts at the top level wire them together."""
+
 import argparse
 import sys
 

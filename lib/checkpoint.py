@@ -10,6 +10,7 @@ Layout (a plain dict, so `torch.load(weights_only=True)` reads it and a crafted 
 The original repo's files (a bare state dict of its EMA wrapper: "module.*" keys and "n_averaged")
 are read by the same loader and converted on the fly.
 """
+
 import argparse
 import os
 import pickle
@@ -62,8 +63,10 @@ def lock_run_folder(folder):
         f.seek(0)
         holder = f.read().strip() or "?"
         f.close()
-        raise UserError(f"another training run (process {holder}) is writing to {folder}: let it finish, stop it, "
-                        "or choose another --out-dir") from None
+        raise UserError(
+            f"another training run (process {holder}) is writing to {folder}: let it finish, stop it, "
+            "or choose another --out-dir"
+        ) from None
     except OSError:  # e.g. a network file system without locks: train unguarded rather than not at all
         f.close()
         return None
@@ -90,7 +93,12 @@ def read_cache(path):
 
 
 def make_checkpoint(config, mean, std, ema_state, train_state=None):
-    ckpt = {"format": FORMAT, "config": dict(config), "norm": {"mean": list(mean), "std": list(std)}, "ema": ema_state}
+    ckpt = {
+        "format": FORMAT,
+        "config": dict(config),
+        "norm": {"mean": list(mean), "std": list(std)},
+        "ema": ema_state,
+    }
     if train_state is not None:
         ckpt["train"] = train_state
     return ckpt
@@ -103,7 +111,7 @@ def _is_original(obj):
 def _from_original(state, image_size):
     """The original's EMA-wrapper state dict -> our layout. Widths, embedding size and depth
     follow from the tensor shapes; the dead 1x1 adaptation convs are dropped in load_model."""
-    sd = {k[len("module."):]: v for k, v in state.items() if k.startswith("module.")}
+    sd = {k[len("module.") :]: v for k, v in state.items() if k.startswith("module.")}
     try:
         levels = sorted({int(m.group(1)) for k in sd if (m := re.match(r"down_blocks\.(\d+)\.", k))})
         widths = [sd[f"down_blocks.{i}.residual_blocks.0.block.0.weight"].shape[0] for i in levels]
@@ -113,8 +121,12 @@ def _from_original(state, image_size):
         block_depth = len({k.split(".")[3] for k in sd if k.startswith("down_blocks.0.residual_blocks.")})
     except (KeyError, IndexError, AttributeError) as e:
         raise UserError(f"looks like the original repo's checkpoint but lacks {e}") from None
-    config = {"image_size": image_size or ORIGINAL_IMAGE_SIZE, "widths": widths,
-              "embedding_dim": embedding_dim, "block_depth": block_depth}
+    config = {
+        "image_size": image_size or ORIGINAL_IMAGE_SIZE,
+        "widths": widths,
+        "embedding_dim": embedding_dim,
+        "block_depth": block_depth,
+    }
     return make_checkpoint(config, FLOWERS_MEAN, FLOWERS_STD, sd)
 
 
@@ -133,10 +145,14 @@ def read_checkpoint(path, image_size=None):
         # a file that is not a pickle at all.
         if "unsupported global" not in str(e).lower():
             raise UserError(f"{path} is not a readable checkpoint (not a file torch.save wrote)") from None
-        raise UserError(f"{path} holds objects other than tensors and plain values; refusing to load it "
-                        "(weights_only=True: a checkpoint must not be able to run code)") from None
+        raise UserError(
+            f"{path} holds objects other than tensors and plain values; refusing to load it "
+            "(weights_only=True: a checkpoint must not be able to run code)"
+        ) from None
     except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise UserError(
+            f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
     if _is_original(obj):
         return _from_original(obj, image_size)
     if not (isinstance(obj, dict) and obj.get("format") == FORMAT):
@@ -160,9 +176,14 @@ def load_weights(model, state, path):
         missing = [k for k in own if k not in state]
         unexpected = [k for k in state if k not in own]
         shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-        detail = "; ".join(f"{name}: {keys[0]}{' and %d more' % (len(keys) - 1) if len(keys) > 1 else ''}"
-                           for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys)
-        raise UserError(f"the weights in {path} do not fit the network its config describes ({detail or e})") from None
+        detail = "; ".join(
+            f"{name}: {keys[0]}{' and %d more' % (len(keys) - 1) if len(keys) > 1 else ''}"
+            for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes))
+            if keys
+        )
+        raise UserError(
+            f"the weights in {path} do not fit the network its config describes ({detail or e})"
+        ) from None
 
 
 def load_model(path, device="cpu", image_size=None):
@@ -185,11 +206,15 @@ def export_weights(src, dst):
     instead of the tens that the training state adds. Original-format files come out in ours."""
     if Path(dst).exists():
         if Path(dst).samefile(src):
-            raise UserError(f"{dst} is the checkpoint being exported: writing it would drop its training state")
+            raise UserError(
+                f"{dst} is the checkpoint being exported: writing it would drop its training state"
+            )
         try:
             there = read_checkpoint(dst)
         except UserError:
-            raise UserError(f"{dst} exists and is not a checkpoint: not replaced (choose another name)") from None
+            raise UserError(
+                f"{dst} exists and is not a checkpoint: not replaced (choose another name)"
+            ) from None
         if "train" in there:  # replacing an exported model (models/x.pt) is the normal case
             raise UserError(f"{dst} holds a training state (resumable): not replaced (choose another name)")
     ckpt = read_checkpoint(src)
@@ -198,8 +223,10 @@ def export_weights(src, dst):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Export a checkpoint's EMA weights for inference: "
-                                            "python -m lib.checkpoint runs/x/best.pt models/x.pt")
+    p = argparse.ArgumentParser(
+        description="Export a checkpoint's EMA weights for inference: "
+        "python -m lib.checkpoint runs/x/best.pt models/x.pt"
+    )
     p.add_argument("src")
     p.add_argument("dst")
 

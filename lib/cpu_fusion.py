@@ -9,22 +9,32 @@ no autograd formula, so each pairing below is an autograd.Function whose backwar
 unfused ops' backward. Measured here (2-core Xeon, AMX, bf16, batch 64): a training step 5-7%
 faster for flowers64, 2-6% for sd128; in fp32 it was 2% slower, so only bf16 uses it.
 """
+
 import platform
 
 import torch
 
 # oneDNN's bf16 convolutions need AVX512 (BW/VL/DQ), AVX-NE-CONVERT or AMX; on other x86 CPUs
 # (AVX2 only) the fused op refuses bf16, where plain conv2d falls back to another kernel.
-_POINTWISE = (torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
-              and hasattr(torch.ops.mkldnn, "_convolution_pointwise") and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+_POINTWISE = (
+    torch.backends.mkldnn.is_available()
+    and platform.machine().lower() in ("x86_64", "amd64")
+    and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+)
 _UNIT = [1, 1]  # stride and dilation
 
 
 def applies(x):
     """Whether the fused ops serve x: a bf16 CPU tensor, oneDNN switched on, and not inside
     torch.compile (which must not trace this op: inductor chooses its own kernels)."""
-    return (_POINTWISE and torch.backends.mkldnn.enabled and x.device.type == "cpu" and x.dtype == torch.bfloat16
-            and not torch.compiler.is_compiling())
+    return (
+        _POINTWISE
+        and torch.backends.mkldnn.enabled
+        and x.device.type == "cpu"
+        and x.dtype == torch.bfloat16
+        and not torch.compiler.is_compiling()
+    )
 
 
 def _same_padding(weight):
@@ -34,9 +44,12 @@ def _same_padding(weight):
 def _cast_parameters(conv, dtype):
     """conv's weight and bias in dtype, after checking that it is the kind of conv these ops run:
     stride 1, no dilation or groups, zero 'same' padding (the residual blocks' 3x3 convs)."""
-    if (conv.stride, conv.dilation, conv.groups, conv.padding_mode) != ((1, 1), (1, 1), 1, "zeros") \
-            or list(conv.padding) != _same_padding(conv.weight):
-        raise ValueError(f"lib.cpu_fusion runs stride-1, same-padded, ungrouped convolutions only, not {conv}")
+    if (conv.stride, conv.dilation, conv.groups, conv.padding_mode) != ((1, 1), (1, 1), 1, "zeros") or list(
+        conv.padding
+    ) != _same_padding(conv.weight):
+        raise ValueError(
+            f"lib.cpu_fusion runs stride-1, same-padded, ungrouped convolutions only, not {conv}"
+        )
     # Weights stay fp32 (Adam's master copy); the casts are recorded, so their gradients return fp32.
     return conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype)
 
@@ -45,8 +58,18 @@ def _conv_backward(grad_y, x, weight, padding, needs_input_grad):
     """Gradients of conv2d(x, weight, bias) from grad_y (B, C_out, H, W): (x, weight, bias)."""
     need_x, need_w, need_b = needs_input_grad
     return torch.ops.aten.convolution_backward(
-        grad_y, x, weight, [weight.shape[0]] if need_b else None, _UNIT, padding, _UNIT, False, [0, 0], 1,
-        [need_x, need_w, need_b])
+        grad_y,
+        x,
+        weight,
+        [weight.shape[0]] if need_b else None,
+        _UNIT,
+        padding,
+        _UNIT,
+        False,
+        [0, 0],
+        1,
+        [need_x, need_w, need_b],
+    )
 
 
 class _ConvLeakyReLU(torch.autograd.Function):
@@ -55,8 +78,9 @@ class _ConvLeakyReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, slope):
         padding = _same_padding(weight)
-        y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, _UNIT, _UNIT, 1,
-                                                    "leaky_relu", [slope], "")
+        y = torch.ops.mkldnn._convolution_pointwise(
+            x, weight, bias, padding, _UNIT, _UNIT, 1, "leaky_relu", [slope], ""
+        )
         ctx.save_for_backward(x, weight, y)
         ctx.padding, ctx.slope = padding, slope
         return y
@@ -76,8 +100,9 @@ class _ConvAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, other):
         padding = _same_padding(weight)
-        y = torch.ops.mkldnn._convolution_pointwise.binary(x, other, weight, bias, padding, _UNIT, _UNIT, 1,
-                                                           "add", None, None, [], None)
+        y = torch.ops.mkldnn._convolution_pointwise.binary(
+            x, other, weight, bias, padding, _UNIT, _UNIT, 1, "add", None, None, [], None
+        )
         ctx.save_for_backward(x, weight)
         ctx.padding = padding
         return y

@@ -5,6 +5,7 @@ step, so images are decoded, resized and center-cropped once and held as one (N,
 tensor (100 MB for all of Flowers102 at 64 px). Batches are drawn by index; flips and the
 normalization run on tensors, on whatever device trains.
 """
+
 import hashlib
 import os
 import signal
@@ -53,7 +54,9 @@ class ImageFiles(Dataset):
         folder = Path(folder)
         if not folder.is_dir():
             raise UserError(f"{folder} is not a folder")
-        self.paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        self.paths = sorted(
+            p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        )
         if not self.paths:
             raise UserError(f"the folder {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         self.transform = transform
@@ -83,14 +86,21 @@ def load_image(path, size):
 def flowers102(root, transform, download=False):
     """All of Flowers102 (train + val + test = 8189 images) through torchvision."""
     try:
-        splits = [Flowers102(root, split=s, transform=transform, download=download) for s in ("train", "val", "test")]
+        splits = [
+            Flowers102(root, split=s, transform=transform, download=download)
+            for s in ("train", "val", "test")
+        ]
     except RuntimeError as e:
         if "not found" not in str(e).lower():
             raise
-        raise UserError(f"Flowers102 not found under --data-root {root}: expected {FLOWERS_LAYOUT} "
-                        "(add --download to fetch it, or point --data-root at it)") from None
+        raise UserError(
+            f"Flowers102 not found under --data-root {root}: expected {FLOWERS_LAYOUT} "
+            "(add --download to fetch it, or point --data-root at it)"
+        ) from None
     except OSError as e:  # URLError and friends: no network, proxy, disk full
-        raise UserError(f"could not download Flowers102 into {root} ({e}); download it by hand into {FLOWERS_LAYOUT}") from None
+        raise UserError(
+            f"could not download Flowers102 into {root} ({e}); download it by hand into {FLOWERS_LAYOUT}"
+        ) from None
     return ConcatDataset(splits)
 
 
@@ -149,8 +159,9 @@ def image_dataset(image_size, data_root="data", image_dir=None, download=False, 
     return fixed_subset(dataset, limit)
 
 
-def load_images(image_size, data_root="data", image_dir=None, download=False, limit=None, num_workers=0,
-                cache_dir=None):
+def load_images(
+    image_size, data_root="data", image_dir=None, download=False, limit=None, num_workers=0, cache_dir=None
+):
     """-> (N, 3, image_size, image_size) uint8: the training images, decoded once.
 
     With cache_dir, the decoded tensor is kept in a file named by what determines it (every
@@ -161,7 +172,12 @@ def load_images(image_size, data_root="data", image_dir=None, download=False, li
     if cache_dir is None:
         return decode_all(dataset, num_workers)
     from lib.checkpoint import atomic_save, read_cache  # imported here: lib.checkpoint imports this module
-    paths = ImageFiles(image_dir, None).paths if image_dir else sorted((Path(data_root) / "flowers-102").rglob("*"))
+
+    paths = (
+        ImageFiles(image_dir, None).paths
+        if image_dir
+        else sorted((Path(data_root) / "flowers-102").rglob("*"))
+    )
     files = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths if p.is_file()]
     key = hashlib.sha1(f"{files}|{image_size}|center-crop|limit={limit}".encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"{'images' if image_dir else 'flowers102'}-{image_size}px-{key}.pt"
@@ -203,8 +219,14 @@ class JpegBatches:
     DecodedBatches, up to one grey level of resize rounding."""
 
     def __init__(self, image_size, device, num_workers=4, **source):
-        to_float = Tv1.Compose([Tv1.PILToTensor(), Tv1.Resize(image_size), Tv1.CenterCrop(image_size),
-                               Tv1.ConvertImageDtype(torch.float32)])
+        to_float = Tv1.Compose(
+            [
+                Tv1.PILToTensor(),
+                Tv1.Resize(image_size),
+                Tv1.CenterCrop(image_size),
+                Tv1.ConvertImageDtype(torch.float32),
+            ]
+        )
         self.dataset = image_dataset(image_size, transform=to_float, **source)
         self.device, self.num_workers = device, num_workers
         warnings.filterwarnings("ignore", message="This DataLoader will create")  # more workers than cores
@@ -213,9 +235,14 @@ class JpegBatches:
         return len(self.dataset)
 
     def batches(self, index_batches):
-        loader = DataLoader(self.dataset, num_workers=self.num_workers, collate_fn=_stack_readable,
-                            batch_sampler=[idx.tolist() for idx in index_batches], pin_memory=self.device.type == "cuda",
-                            worker_init_fn=_ignore_stop_signals)
+        loader = DataLoader(
+            self.dataset,
+            num_workers=self.num_workers,
+            collate_fn=_stack_readable,
+            batch_sampler=[idx.tolist() for idx in index_batches],
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=_ignore_stop_signals,
+        )
         for images in loader:
             if images is not None:  # None only if every file of the batch was unreadable
                 yield images.to(self.device, non_blocking=True)  # (B, 3, S, S) float in [0, 1]
@@ -233,8 +260,10 @@ def compute_stats(images, chunk=512):
     mean = total / n
     std = (total_sq / n - mean.square()).clamp_min(0).sqrt()
     if std.min() < 1e-3:  # normalizing would divide by ~0: NaN losses from the first step
-        raise UserError(f"the images do not vary in colour channel {'RGB'[int(std.argmin())]} (std {std.min():.1e}): "
-                        "nothing to normalize or learn")
+        raise UserError(
+            f"the images do not vary in colour channel {'RGB'[int(std.argmin())]} (std {std.min():.1e}): "
+            "nothing to normalize or learn"
+        )
     return mean.tolist(), std.tolist()
 
 

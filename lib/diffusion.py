@@ -4,6 +4,7 @@ Everything here takes the network as a plain callable `model(x_t, noise_var) -> 
 network never sees the schedule (as in DiT) and any noise predictor, an oracle included, plugs in.
 Images are in the normalized space (per-channel mean 0, std 1); lib/data.py maps to and from it.
 """
+
 import math
 
 import torch
@@ -84,7 +85,9 @@ def ddim_sample(model, noise, steps=20, eta=0.0, generator=None, t_start=1.0, on
             break
         next_noise_rate, next_signal_rate = diffusion_schedule(t - step_size)
         if eta > 0:
-            sigma = eta * (next_noise_rate / noise_rate) * torch.sqrt(1 - (signal_rate / next_signal_rate) ** 2)
+            sigma = (
+                eta * (next_noise_rate / noise_rate) * torch.sqrt(1 - (signal_rate / next_signal_rate) ** 2)
+            )
             z = torch.randn(noise.shape, device=noise.device, generator=generator, dtype=x0.dtype)
             x_t = next_signal_rate * x0 + torch.sqrt(next_noise_rate**2 - sigma**2) * eps + sigma * z
         else:

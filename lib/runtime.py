@@ -1,4 +1,5 @@
 """Device, precision and thread choices shared by the scripts, so they run unchanged on CPU or GPU."""
+
 import contextlib
 import ctypes
 import ctypes.util

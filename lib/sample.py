@@ -1,4 +1,5 @@
 """Turn a trained network into pictures: seeded noise (or a noised drawing) -> DDIM -> images in [0, 1]."""
+
 import torch
 
 from lib.data import to_image_space, to_model_space
@@ -14,7 +15,9 @@ def initial_noise(num_images, image_size, seed):
 
 
 @torch.inference_mode()
-def generate(model, noise, mean, std, steps=20, eta=0.0, seed=0, precision="fp32", batch_size=64, t_start=1.0):
+def generate(
+    model, noise, mean, std, steps=20, eta=0.0, seed=0, precision="fp32", batch_size=64, t_start=1.0
+):
     """noise: (N, 3, S, S) on the CPU, the state at t_start -> (N, 3, S, S) float images in
     [0, 1] on the CPU.
 
@@ -60,6 +63,15 @@ def sketch_to_image(model, images, mean, std, strength=0.6, steps=20, eta=0.0, s
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     eps = initial_noise(images.shape[0], images.shape[-1], seed)
     x_t = add_noise(to_model_space(images, mean, std), strength, eps)
-    results = generate(model, x_t, mean, std, steps=max(1, round(strength * steps)), eta=eta, seed=seed,
-                       precision=precision, t_start=strength)
+    results = generate(
+        model,
+        x_t,
+        mean,
+        std,
+        steps=max(1, round(strength * steps)),
+        eta=eta,
+        seed=seed,
+        precision=precision,
+        t_start=strength,
+    )
     return to_image_space(x_t, mean, std), results

@@ -1,5 +1,6 @@
 """One optimisation step of the diffusion model, with everything it touches: the network, its
 EMA copy, Adam and the loss scaler. sd_train.py runs it in its loop; the benchmark times it."""
+
 import copy
 import warnings
 
@@ -27,24 +28,34 @@ class Training:
     torch.compile. literal=True is the original's: NCHW, literal network, a GradScaler always.
     """
 
-    def __init__(self, cfg, device, precision, lr, literal=False, compile=False, distributed=False, sync_bn=False):
+    def __init__(
+        self, cfg, device, precision, lr, literal=False, compile=False, distributed=False, sync_bn=False
+    ):
         self.device, self.precision = device, precision
         self.memory_format = torch.contiguous_format if literal else torch.channels_last
         self.model = build_unet(cfg, literal=literal).to(device, memory_format=self.memory_format)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         if sync_bn:  # batch statistics over the global batch instead of each process's shard
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=lr, fused=device.type in ("cuda", "cpu") and not literal)
+        self.opt = torch.optim.Adam(
+            self.model.parameters(), lr=lr, fused=device.type in ("cuda", "cpu") and not literal
+        )
         # Loss scaling only matters for fp16 (bf16 has fp32's exponent range); the original always scales.
         self.scaler = torch.amp.GradScaler(device.type, enabled=literal or precision == "fp16")
-        self._ema_pairs = (list(self.ema.parameters()), list(self.model.parameters()),
-                           list(self.ema.buffers()), list(self.model.buffers()))
+        self._ema_pairs = (
+            list(self.ema.parameters()),
+            list(self.model.parameters()),
+            list(self.ema.buffers()),
+            list(self.model.buffers()),
+        )
         self.step_model = self.model
         if distributed:  # gradients averaged over processes; BatchNorm buffers follow rank 0's
             # Some 1x1 kernels get gradients in another (equally dense) stride order than their
             # channels_last weights; DDP then copies those few KB and warns. Harmless: silence it.
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-            self.step_model = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+            self.step_model = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
         if compile:
             self.step_model = torch.compile(self.step_model)
 

@@ -4,6 +4,7 @@ The network maps (noisy image, noise variance) to the predicted noise. It knows 
 diffusion schedule: the diffusion code (lib/diffusion.py) decides which variance goes with which
 image. Attribute names follow the original so that its state dicts map onto ours key for key.
 """
+
 import math
 
 import torch
@@ -56,7 +57,9 @@ class ResidualBlock(nn.Module):
         step after it, LeakyReLU or the residual add, as one oneDNN call: the same function."""
         if fuse_ops and cpu_fusion.applies(x):
             norm, conv1, act, conv2 = self.block
-            return cpu_fusion.conv_add(cpu_fusion.conv_leaky_relu(norm(x), conv1, act.negative_slope), conv2, x)
+            return cpu_fusion.conv_add(
+                cpu_fusion.conv_leaky_relu(norm(x), conv1, act.negative_slope), conv2, x
+            )
         return x + self.block(x)
 
     def forward(self, x, fuse_ops=False):
@@ -186,10 +189,12 @@ def model_config(preset, image_size=None):
 
 
 def check_image_size(image_size, num_levels):
-    step = 2 ** num_levels
+    step = 2**num_levels
     if image_size <= 0 or image_size % step:
-        raise ValueError(f"image size {image_size} must be a positive multiple of {step} "
-                         f"(the network halves it {num_levels} times)")
+        raise ValueError(
+            f"image size {image_size} must be a positive multiple of {step} "
+            f"(the network halves it {num_levels} times)"
+        )
 
 
 def build_unet(cfg, literal=False):

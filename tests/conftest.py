@@ -1,5 +1,6 @@
 """Shared test helpers. Tests run on the CPU; those that need Flowers102 read it from
 $FLOWERS_ROOT (a folder holding flowers-102/), by default ../shared/data beside the repo."""
+
 import os
 from pathlib import Path
 
@@ -17,15 +18,38 @@ TINY = dict(image_size=32, widths=[16, 32, 64], embedding_dim=16, block_depth=1)
 
 def run_args(data_root, out_dir, *extra, batch_size=16):
     """sd_train.py flags for a seconds-long run: 64 real flowers at 32 px, 2-image grids."""
-    return ["--preset", "flowers64", "--image-size", "32", "--data-root", str(data_root), "--limit", "64",
-            "--batch-size", str(batch_size), "--num-workers", "0", "--flip", "--sample-every", "100",
-            "--num-samples", "2", "--sample-steps", "2", "--out-dir", str(out_dir), *extra]
+    return [
+        "--preset",
+        "flowers64",
+        "--image-size",
+        "32",
+        "--data-root",
+        str(data_root),
+        "--limit",
+        "64",
+        "--batch-size",
+        str(batch_size),
+        "--num-workers",
+        "0",
+        "--flip",
+        "--sample-every",
+        "100",
+        "--num-samples",
+        "2",
+        "--sample-steps",
+        "2",
+        "--out-dir",
+        str(out_dir),
+        *extra,
+    ]
 
 
 @pytest.fixture
 def data_root():
     if not (DATA_ROOT / "flowers-102" / "imagelabels.mat").is_file():
-        pytest.skip(f"Flowers102 is not at {DATA_ROOT} (set FLOWERS_ROOT to the folder that holds flowers-102/)")
+        pytest.skip(
+            f"Flowers102 is not at {DATA_ROOT} (set FLOWERS_ROOT to the folder that holds flowers-102/)"
+        )
     return DATA_ROOT
 
 

@@ -58,6 +58,7 @@ def test_crafted_pickle_is_refused_without_running_it(tmp_path):
     class Evil:
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
+
     torch.save({"format": "flowers-ddim/1", "ema": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(UserError, match="refusing to load"):
         read_checkpoint(tmp_path / "evil.pt")
@@ -131,15 +132,20 @@ def test_original_checkpoints_load_and_paint_the_same_images(tmp_path, preset):
 def test_export_keeps_what_inference_needs(tmp_path):
     model = tiny_checkpoint(tmp_path / "last.pt", train_state={"epoch": 3, "big": torch.zeros(1000)})
     from lib.checkpoint import export_weights
+
     export_weights(tmp_path / "last.pt", tmp_path / "model.pt")
     ckpt = read_checkpoint(tmp_path / "model.pt")
     assert "train" not in ckpt and ckpt["config"] == TINY
     loaded, _ = load_model(tmp_path / "model.pt")
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True)
+    )
 
 
 def test_export_cli_never_drops_a_training_state(tmp_path, capsys):
     from lib.checkpoint import main
+
     tiny_checkpoint(tmp_path / "last.pt", train_state={"epoch": 3})
     assert main([str(tmp_path / "last.pt"), str(tmp_path / "." / "last.pt")]) == 2
     assert "drop its training state" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """The oneDNN convolution + LeakyReLU / residual-add pairs compute what the unfused ops compute."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -7,7 +8,10 @@ import torch.nn.functional as F
 from lib import cpu_fusion
 from lib.unet import build_unet, model_config
 
-pytestmark = pytest.mark.skipif(not cpu_fusion._POINTWISE, reason="no oneDNN bf16 convolutions here (x86 with AVX512, AVX-NE-CONVERT or AMX)")
+pytestmark = pytest.mark.skipif(
+    not cpu_fusion._POINTWISE,
+    reason="no oneDNN bf16 convolutions here (x86 with AVX512, AVX-NE-CONVERT or AMX)",
+)
 
 
 @pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
@@ -54,7 +58,11 @@ def test_only_bf16_cpu_tensors_take_the_fused_path(monkeypatch):
 
 def test_other_kinds_of_convolution_are_refused():
     x = torch.randn(1, 4, 6, 6)
-    for conv in (nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3, padding=1, stride=2), nn.Conv2d(4, 4, 3, padding=1, groups=2)):
+    for conv in (
+        nn.Conv2d(4, 4, 3),
+        nn.Conv2d(4, 4, 3, padding=1, stride=2),
+        nn.Conv2d(4, 4, 3, padding=1, groups=2),
+    ):
         with pytest.raises(ValueError, match="same-padded"):
             cpu_fusion.conv_leaky_relu(x, conv, 0.01)
 
@@ -86,4 +94,6 @@ def test_fused_network_has_bf16_accuracy(monkeypatch):
         # bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2%); accumulated over the
         # network, errors land at 0.15-12% (the largest on small gradients) for both paths, the
         # fused path's at 0.7-1.3x the unfused one's (observed on this CPU).
-        assert err(f, e) <= 1.5 * err(p, e) + 1e-3, f"tensor {i}: fused {err(f, e):.4f}, unfused {err(p, e):.4f}"
+        assert err(f, e) <= 1.5 * err(p, e) + 1e-3, (
+            f"tensor {i}: fused {err(f, e):.4f}, unfused {err(p, e):.4f}"
+        )

@@ -6,8 +6,16 @@ import torch
 from PIL import Image
 
 from lib import UserError
-from lib.data import (FLOWERS_MEAN, FLOWERS_STD, compute_stats, epoch_order, load_images, to_image_space,
-                      to_model_space, to_rgb)
+from lib.data import (
+    FLOWERS_MEAN,
+    FLOWERS_STD,
+    compute_stats,
+    epoch_order,
+    load_images,
+    to_image_space,
+    to_model_space,
+    to_rgb,
+)
 
 
 def test_flowers102_subset_is_fixed_resized_and_cropped(data_root):
@@ -35,6 +43,7 @@ def test_image_cache_is_reused_keyed_by_the_files_and_rebuilt_when_torn(tmp_path
 
 def test_all_three_splits_are_used(data_root):
     from lib.data import flowers102
+
     assert len(flowers102(data_root, transform=None)) == 8189
 
 
@@ -57,6 +66,7 @@ def test_download_failure_is_one_clear_error(tmp_path, monkeypatch):
 
     def offline(*a, **k):
         raise OSError("network is unreachable")
+
     monkeypatch.setattr(tv, "download_and_extract_archive", offline)
     monkeypatch.setattr(tv, "download_url", offline)
     with pytest.raises(UserError, match="could not download Flowers102.*network is unreachable"):

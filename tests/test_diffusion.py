@@ -3,7 +3,14 @@ import math
 import pytest
 import torch
 
-from lib.diffusion import MAX_SIGNAL_RATE, MIN_SIGNAL_RATE, ddim_sample, denoise, diffusion_schedule, training_loss
+from lib.diffusion import (
+    MAX_SIGNAL_RATE,
+    MIN_SIGNAL_RATE,
+    ddim_sample,
+    denoise,
+    diffusion_schedule,
+    training_loss,
+)
 
 
 def test_schedule_end_points_and_unit_norm():
@@ -15,16 +22,20 @@ def test_schedule_end_points_and_unit_norm():
     assert (signal_rate.diff() < 0).all()  # monotone: more noise as t grows
     # the angle, not the rate, is linear in t
     angle = torch.atan2(noise_rate, signal_rate)
-    torch.testing.assert_close(angle.diff(), torch.full((100,), (math.acos(0.02) - math.acos(0.95)) / 100, dtype=torch.float64))
+    torch.testing.assert_close(
+        angle.diff(), torch.full((100,), (math.acos(0.02) - math.acos(0.95)) / 100, dtype=torch.float64)
+    )
     assert (MAX_SIGNAL_RATE, MIN_SIGNAL_RATE) == (0.95, 0.02)
 
 
 def oracle_for(x0):
     """A perfect noise predictor for a known clean batch: eps = (x_t - s x0) / n."""
+
     def model(x_t, noise_var):
         n = noise_var.sqrt().view(-1, 1, 1, 1)
         s = (1 - noise_var).sqrt().view(-1, 1, 1, 1)
         return (x_t - s * x0) / n
+
     return model
 
 
@@ -96,8 +107,14 @@ def test_ddim_eta1_step_is_the_ddpm_posterior():
     x0 = torch.full((20000, 1, 1, 1), 0.7, dtype=torch.float64)
     x1 = torch.full_like(x0, -0.3)  # one state at t=1, copied: the spread comes from the fresh noise
     seen = {}
-    ddim_sample(oracle_for(x0), x1, steps=2, eta=1.0, generator=torch.Generator().manual_seed(0),
-                on_step=lambda t, x_t, x0_hat: seen.setdefault(t, x_t))
+    ddim_sample(
+        oracle_for(x0),
+        x1,
+        steps=2,
+        eta=1.0,
+        generator=torch.Generator().manual_seed(0),
+        on_step=lambda t, x_t, x0_hat: seen.setdefault(t, x_t),
+    )
     x_half = seen[0.5]
     n1, s1 = diffusion_schedule(torch.tensor(1.0, dtype=torch.float64))
     n2, s2 = diffusion_schedule(torch.tensor(0.5, dtype=torch.float64))

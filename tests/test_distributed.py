@@ -1,4 +1,5 @@
 """Data-parallel training: two gloo processes on the CPU, as torchrun would start them."""
+
 import os
 import socket
 
@@ -19,8 +20,14 @@ def free_port():
 
 def worker(rank, world_size, port, argv, out):
     """One process of a 2-process run: the environment torchrun sets, then the script's own path."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     args, resumed = sd_train.resolve_args(argv)
     ctx = distributed.init(args.device)
     stop = sd_train.StopRequest()
@@ -54,12 +61,21 @@ def test_two_process_run_then_resume(data_root, tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     for part in ("model", "ema"):
         for k, v in r0[part].items():
-            if not k.endswith(("running_mean", "running_var", "num_batches_tracked")):  # buffers: rank 0's are saved
+            if not k.endswith(
+                ("running_mean", "running_var", "num_batches_tracked")
+            ):  # buffers: rank 0's are saved
                 assert torch.equal(v, r1[part][k]), (part, k)
     # rank 0 alone wrote the outputs: one log with one row per epoch, one set of files (and the
     # folder's lock file, rank 0's)
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "best.pt", "epoch_1.png", "epoch_2.png", "last.pt",
-                                                     "loss_curve.png", "training_log.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".lock",
+        "best.pt",
+        "epoch_1.png",
+        "epoch_2.png",
+        "last.pt",
+        "loss_curve.png",
+        "training_log.csv",
+    ]
     assert len((out / "training_log.csv").read_text().splitlines()) == 3
     ckpt = torch.load(out / "last.pt", weights_only=True)["train"]
     assert ckpt["world_size"] == 2 and ckpt["global_step"] == 2 * 4  # 64 images / (2 x 8) = 4 steps an epoch
@@ -71,4 +87,8 @@ def test_two_process_run_then_resume(data_root, tmp_path):
     # and by a single process (another process count): continues at epoch 4
     assert sd_train.main(["--resume", str(out / "last.pt"), "--epochs", "4"]) == 0
     state = torch.load(out / "last.pt", weights_only=True)["train"]
-    assert state["epoch"] == 4 and state["world_size"] == 1 and [r["epoch"] for r in state["log"]] == [1, 2, 3, 4]
+    assert (
+        state["epoch"] == 4
+        and state["world_size"] == 1
+        and [r["epoch"] for r in state["log"]] == [1, 2, 3, 4]
+    )

@@ -1,4 +1,5 @@
 """The scripts that draw docs/ run and draw what they say."""
+
 import sys
 
 import numpy as np

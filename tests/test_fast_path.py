@@ -1,5 +1,6 @@
 """The fast path (decoded-once data, channels_last, fused network, no-op scaler off) computes the
 same thing as the original's way, which stays selectable (sd_train.py --literal)."""
+
 import torch
 
 from conftest import loss_curve
@@ -31,7 +32,9 @@ def test_decoded_images_cache_round_trip(data_root, tmp_path):
     a = load_images(32, data_root, limit=20, cache_dir=tmp_path)
     files = list(tmp_path.glob("*.pt"))
     assert len(files) == 1
-    assert torch.equal(load_images(32, data_root, limit=20, cache_dir=tmp_path), a)  # read back, not re-decoded
+    assert torch.equal(
+        load_images(32, data_root, limit=20, cache_dir=tmp_path), a
+    )  # read back, not re-decoded
     load_images(32, data_root, limit=21, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("*.pt"))) == 2  # another subset, another key
 
@@ -54,7 +57,12 @@ def test_fast_path_learns_like_the_literal_path(data_root):
 
 def test_benchmark_names_its_peak_and_refuses_too_few_images(data_root, capsys):
     from benchmarks.benchmark import gpu_peak, main
-    assert gpu_peak("NVIDIA H100 PCIe") == 756e12 and gpu_peak("NVIDIA L40") == 181e12 and gpu_peak("Quadro") is None
+
+    assert (
+        gpu_peak("NVIDIA H100 PCIe") == 756e12
+        and gpu_peak("NVIDIA L40") == 181e12
+        and gpu_peak("Quadro") is None
+    )
     # 64 x (200 + 2 + 8) images asked of a data set of 8189: one line, before any model is built
     assert main(["--data-root", str(data_root), "--presets", "flowers64", "--steps", "200"]) == 2
     assert "need 13440 images, the data has 8189" in capsys.readouterr().err
@@ -64,12 +72,15 @@ def test_benchmark_counts_every_convolution_of_a_training_step():
     from benchmarks.benchmark import train_flops
     from lib.training import Training
     from lib.unet import model_config
+
     cfg = model_config("flowers64", image_size=32)
     widths, size, depth = cfg["widths"], cfg["image_size"], cfg["block_depth"]
     # The 3x3 convolutions alone: two per residual block, 2 * depth blocks per level (down and up),
     # depth in the bottleneck; 2 * 9 * C^2 FLOPs per output pixel; backward twice the forward.
-    conv3x3 = sum((4 * depth if i < len(widths) - 1 else 2 * depth) * 2 * 9 * c * c * (size // 2**i) ** 2
-                  for i, c in enumerate(widths))
+    conv3x3 = sum(
+        (4 * depth if i < len(widths) - 1 else 2 * depth) * 2 * 9 * c * c * (size // 2**i) ** 2
+        for i, c in enumerate(widths)
+    )
     # A bf16 run: counted under its autocast, the fused oneDNN convolutions would go uncounted
     run = Training(cfg, CPU, "bf16", 3e-4)
     flops = train_flops(run, cfg, 2, CPU) / 2

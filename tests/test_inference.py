@@ -10,8 +10,22 @@ from lib.unet import build_unet, model_config
 def test_writes_the_figure_and_one_png_per_image(tmp_path, capsys):
     tiny_checkpoint(tmp_path / "m.pt")
     out, save_dir = tmp_path / "fig.png", tmp_path / "imgs"
-    assert sd_inference.main(["--checkpoint", str(tmp_path / "m.pt"), "--steps", "2", "--out", str(out),
-                              "--save-dir", str(save_dir), "--no-show"]) == 0
+    assert (
+        sd_inference.main(
+            [
+                "--checkpoint",
+                str(tmp_path / "m.pt"),
+                "--steps",
+                "2",
+                "--out",
+                str(out),
+                "--save-dir",
+                str(save_dir),
+                "--no-show",
+            ]
+        )
+        == 0
+    )
     assert Image.open(out).size == (1000, 540)  # 2x4 panels of 2.5 in at 100 dpi, plus the title
     files = sorted(save_dir.glob("*.png"))
     assert len(files) == 8
@@ -23,9 +37,28 @@ def test_same_seed_same_images_other_seed_other_images(tmp_path):
 
     def sample(seed, name):
         d = tmp_path / name
-        assert sd_inference.main(["--checkpoint", str(tmp_path / "m.pt"), "--steps", "2", "--num-images", "3", "--seed",
-                                  str(seed), "--out", str(tmp_path / f"{name}.png"), "--save-dir", str(d), "--no-show"]) == 0
+        assert (
+            sd_inference.main(
+                [
+                    "--checkpoint",
+                    str(tmp_path / "m.pt"),
+                    "--steps",
+                    "2",
+                    "--num-images",
+                    "3",
+                    "--seed",
+                    str(seed),
+                    "--out",
+                    str(tmp_path / f"{name}.png"),
+                    "--save-dir",
+                    str(d),
+                    "--no-show",
+                ]
+            )
+            == 0
+        )
         return [Image.open(f).tobytes() for f in sorted(d.glob("*.png"))]
+
     assert sample(1, "a") == sample(1, "b")
     assert sample(1, "a") != sample(2, "c")
 
@@ -33,8 +66,26 @@ def test_same_seed_same_images_other_seed_other_images(tmp_path):
 def test_loads_an_original_checkpoint(tmp_path):
     model = build_unet(model_config("flowers64"))
     torch.save(original_layout(model), tmp_path / "model.pt")
-    assert sd_inference.main(["--checkpoint", str(tmp_path / "model.pt"), "--image-size", "16", "--steps", "1",
-                              "--num-images", "2", "--out", str(tmp_path / "f.png"), "--save-dir", str(tmp_path / "i"), "--no-show"]) == 0
+    assert (
+        sd_inference.main(
+            [
+                "--checkpoint",
+                str(tmp_path / "model.pt"),
+                "--image-size",
+                "16",
+                "--steps",
+                "1",
+                "--num-images",
+                "2",
+                "--out",
+                str(tmp_path / "f.png"),
+                "--save-dir",
+                str(tmp_path / "i"),
+                "--no-show",
+            ]
+        )
+        == 0
+    )
     assert Image.open(next((tmp_path / "i").glob("*.png"))).size == (16, 16)
 
 
@@ -46,18 +97,28 @@ def test_missing_default_model_says_how_to_train_one(tmp_path, monkeypatch, caps
     assert not (tmp_path / "f.png").exists()
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--checkpoint", "CKPT", "--num-images", "0"], "--num-images must be >= 1"),
-    (["--checkpoint", "CKPT", "--eta", "2"], "--eta must be in [0, 1]"),
-    (["--checkpoint", "CKPT", "--interpolate", "--eta", "0.5"], "leave --eta at 0"),
-    (["--checkpoint", "CKPT", "--image-size", "30"], "--image-size: image size 30 must be a positive multiple of 4"),
-    (["--checkpoint", "MISSING"], "checkpoint not found"),
-    (["--checkpoint", "TEXT"], "not a readable checkpoint"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--checkpoint", "CKPT", "--num-images", "0"], "--num-images must be >= 1"),
+        (["--checkpoint", "CKPT", "--eta", "2"], "--eta must be in [0, 1]"),
+        (["--checkpoint", "CKPT", "--interpolate", "--eta", "0.5"], "leave --eta at 0"),
+        (
+            ["--checkpoint", "CKPT", "--image-size", "30"],
+            "--image-size: image size 30 must be a positive multiple of 4",
+        ),
+        (["--checkpoint", "MISSING"], "checkpoint not found"),
+        (["--checkpoint", "TEXT"], "not a readable checkpoint"),
+    ],
+)
 def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys, argv, message):
     tiny_checkpoint(tmp_path / "m.pt")
     (tmp_path / "t.pt").write_text("not a checkpoint")
-    subst = {"CKPT": str(tmp_path / "m.pt"), "MISSING": str(tmp_path / "nope.pt"), "TEXT": str(tmp_path / "t.pt")}
+    subst = {
+        "CKPT": str(tmp_path / "m.pt"),
+        "MISSING": str(tmp_path / "nope.pt"),
+        "TEXT": str(tmp_path / "t.pt"),
+    }
     argv = [subst.get(a, a) for a in argv] + ["--out", str(tmp_path / "f.png")]
     assert sd_inference.main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -68,23 +129,65 @@ def test_bad_output_paths_fail_before_sampling(tmp_path, capsys):
     tiny_checkpoint(tmp_path / "m.pt")
     (tmp_path / "file").write_text("a file, not a folder")
     for out, message in ((tmp_path / "f.xyz", "cannot write .xyz"), (tmp_path / "file" / "f.png", "error:")):
-        assert sd_inference.main(["--checkpoint", str(tmp_path / "m.pt"), "--out", str(out), "--no-show"]) == 2
+        assert (
+            sd_inference.main(["--checkpoint", str(tmp_path / "m.pt"), "--out", str(out), "--no-show"]) == 2
+        )
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and message in err and "\n" not in err, err
     # a mistyped checkpoint leaves no empty output folders behind
-    assert sd_inference.main(["--checkpoint", str(tmp_path / "typo.pt"), "--out", str(tmp_path / "figs" / "x.png"),
-                              "--save-dir", str(tmp_path / "imgs"), "--no-show"]) == 2
+    assert (
+        sd_inference.main(
+            [
+                "--checkpoint",
+                str(tmp_path / "typo.pt"),
+                "--out",
+                str(tmp_path / "figs" / "x.png"),
+                "--save-dir",
+                str(tmp_path / "imgs"),
+                "--no-show",
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "figs").exists() and not (tmp_path / "imgs").exists()
 
 
 def test_out_without_a_suffix_is_a_png_and_says_so(tmp_path, capsys):
     tiny_checkpoint(tmp_path / "m.pt")
-    assert sd_inference.main(["--checkpoint", str(tmp_path / "m.pt"), "--steps", "1", "--num-images", "1",
-                              "--out", str(tmp_path / "fig"), "--no-show"]) == 0
+    assert (
+        sd_inference.main(
+            [
+                "--checkpoint",
+                str(tmp_path / "m.pt"),
+                "--steps",
+                "1",
+                "--num-images",
+                "1",
+                "--out",
+                str(tmp_path / "fig"),
+                "--no-show",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "fig.png").is_file() and str(tmp_path / "fig.png") in capsys.readouterr().out
     # a folder: the default name inside it, not a file beside it
-    assert sd_inference.main(["--checkpoint", str(tmp_path / "m.pt"), "--steps", "1", "--num-images", "1",
-                              "--out", str(tmp_path) + "/", "--no-show"]) == 0
+    assert (
+        sd_inference.main(
+            [
+                "--checkpoint",
+                str(tmp_path / "m.pt"),
+                "--steps",
+                "1",
+                "--num-images",
+                "1",
+                "--out",
+                str(tmp_path) + "/",
+                "--no-show",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "generated.png").is_file()
 
 
@@ -93,5 +196,6 @@ def test_ctrl_c_is_one_line_and_status_130(capsys):
 
     def body(args):
         raise KeyboardInterrupt
+
     assert run_cli(body, None) == 130
     assert capsys.readouterr().err == "error: interrupted\n"

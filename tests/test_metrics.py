@@ -29,6 +29,7 @@ def test_kid_matches_torch_fidelity_on_whole_sets():
     """Same unbiased estimator as torch-fidelity's (the reference KID code): with one subset of
     all samples the random draw is only a permutation, so both must agree to float precision."""
     from torch_fidelity.metric_kid import kid_features_to_metric
+
     g = torch.Generator().manual_seed(0)
     real = torch.randn(300, 64, generator=g, dtype=torch.float64)
     fake = 0.8 * torch.randn(300, 64, generator=g, dtype=torch.float64) + 0.1
@@ -47,13 +48,19 @@ def test_frechet_distance_matches_the_closed_form():
     # A full covariance against itself, shifted: only the means count.
     a = np.random.default_rng(0).normal(size=(5, 5))
     cov = a @ a.T + np.eye(5)
-    assert frechet_distance(mu1.repeat(2)[:5], cov, mu1.repeat(2)[:5] + 1, cov) == pytest.approx(5.0, abs=1e-6)
+    assert frechet_distance(mu1.repeat(2)[:5], cov, mu1.repeat(2)[:5] + 1, cov) == pytest.approx(
+        5.0, abs=1e-6
+    )
 
 
 def test_fid_of_gaussian_samples_approaches_the_closed_form():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(20000, 3, generator=g, dtype=torch.float64)
-    y = torch.randn(20000, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64) + 1
+    y = (
+        torch.randn(20000, 3, generator=g, dtype=torch.float64)
+        * torch.tensor([1.0, 2.0, 1.0], dtype=torch.float64)
+        + 1
+    )
     assert fid(x, y) == pytest.approx(3 * 1.0 + 1.0, rel=0.03)  # means differ by 1 in 3 dims; one std 1 -> 2
 
 
@@ -61,9 +68,12 @@ def test_inception_loading_code_runs_on_a_random_state_dict(tmp_path, monkeypatc
     """No network: build torch-fidelity's network untrained, save its state dict, load it back
     through our --inception-weights path and extract features of the right shape."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
     monkeypatch.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
     monkeypatch.setattr(torch, "load", lambda *a, **k: {})
-    untrained = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path="unused")
+    untrained = FeatureExtractorInceptionV3(
+        "inception-v3-compat", ["2048"], feature_extractor_weights_path="unused"
+    )
     monkeypatch.undo()
     torch.save(untrained.state_dict(), tmp_path / "random_inception.pt")
     extractor = InceptionV3(tmp_path / "random_inception.pt")
@@ -77,6 +87,7 @@ def test_inception_loading_code_runs_on_a_random_state_dict(tmp_path, monkeypatc
 def test_inception_offline_gives_one_line_naming_the_flag(monkeypatch, tmp_path):
     def offline(*a, **k):
         raise OSError("network is unreachable")
+
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(UserError, match="--inception-weights"):
         InceptionV3()
@@ -96,16 +107,44 @@ def real_folder(path, n=24, size=40):
 def test_eval_cli_end_to_end(tmp_path, capsys):
     tiny_checkpoint(tmp_path / "m.pt")
     real = real_folder(tmp_path / "real")
-    argv = ["--checkpoint", str(tmp_path / "m.pt"), "--num-samples", "8", "--steps", "2", "--image-dir", str(real),
-            "--cache-dir", str(tmp_path / "cache"), "--kid-subsets", "5", "--floor"]
+    argv = [
+        "--checkpoint",
+        str(tmp_path / "m.pt"),
+        "--num-samples",
+        "8",
+        "--steps",
+        "2",
+        "--image-dir",
+        str(real),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--kid-subsets",
+        "5",
+        "--floor",
+    ]
     assert sd_eval.main(argv) == 0
     out = capsys.readouterr().out
     assert "samples: KID [efficientnet-lite0]" in out and "FID [efficientnet-lite0]" in out
     assert "floor (real vs real): KID [efficientnet-lite0]" in out
     assert len(list((tmp_path / "cache").glob("features-efficientnet-lite0-*.pt"))) == 1
     assert sd_eval.main(argv) == 0  # second run reads the cached reference features
-    assert sd_eval.main(["--samples-dir", str(real), "--image-size", "32", "--image-dir", str(real),
-                         "--cache-dir", str(tmp_path / "cache"), "--kid-subsets", "5"]) == 0
+    assert (
+        sd_eval.main(
+            [
+                "--samples-dir",
+                str(real),
+                "--image-size",
+                "32",
+                "--image-dir",
+                str(real),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--kid-subsets",
+                "5",
+            ]
+        )
+        == 0
+    )
     assert "samples: KID" in capsys.readouterr().out
 
 
@@ -113,25 +152,66 @@ def test_eval_cli_bad_inputs(tmp_path, capsys):
     assert sd_eval.main(["--num-samples", "8"]) == 2
     assert "give --checkpoint or --samples-dir" in capsys.readouterr().err
     tiny_checkpoint(tmp_path / "m.pt")
-    for extra, message in ((["--eta", "2"], "--eta must be in [0, 1]"), (["--steps", "0"], "--steps must be >= 1"),
-                           (["--kid-subsets", "0"], "--kid-subsets must be >= 1"),
-                           (["--samples-dir", str(tmp_path)], "choose one")):
+    for extra, message in (
+        (["--eta", "2"], "--eta must be in [0, 1]"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--kid-subsets", "0"], "--kid-subsets must be >= 1"),
+        (["--samples-dir", str(tmp_path)], "choose one"),
+    ):
         assert sd_eval.main(["--checkpoint", str(tmp_path / "m.pt"), *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and message in err and "\n" not in err, err
     assert sd_eval.main(["--checkpoint", str(tmp_path / "nope.pt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
     one = real_folder(tmp_path / "one", n=1)
-    assert sd_eval.main(["--samples-dir", str(one), "--image-size", "32", "--image-dir", str(real_folder(tmp_path / "r")),
-                         "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert (
+        sd_eval.main(
+            [
+                "--samples-dir",
+                str(one),
+                "--image-size",
+                "32",
+                "--image-dir",
+                str(real_folder(tmp_path / "r")),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 2
+    )
     assert "at least 2 images on each side, got 1" in capsys.readouterr().err
 
 
 def test_training_tracks_kid_and_keeps_the_best_by_it(tmp_path):
     real = real_folder(tmp_path / "real", n=16, size=20)
-    argv = ["--preset", "flowers64", "--image-size", "16", "--image-dir", str(real), "--batch-size", "8",
-            "--epochs", "2", "--num-workers", "0", "--num-samples", "2", "--sample-steps", "2",
-            "--eval-every", "1", "--eval-samples", "8", "--eval-steps", "2", "--best-by", "kid", "--out-dir", str(tmp_path / "run")]
+    argv = [
+        "--preset",
+        "flowers64",
+        "--image-size",
+        "16",
+        "--image-dir",
+        str(real),
+        "--batch-size",
+        "8",
+        "--epochs",
+        "2",
+        "--num-workers",
+        "0",
+        "--num-samples",
+        "2",
+        "--sample-steps",
+        "2",
+        "--eval-every",
+        "1",
+        "--eval-samples",
+        "8",
+        "--eval-steps",
+        "2",
+        "--best-by",
+        "kid",
+        "--out-dir",
+        str(tmp_path / "run"),
+    ]
     assert sd_train.main(argv) == 0
     log = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["train"]["log"]
     assert all(r["kid"] is not None for r in log)
@@ -142,6 +222,7 @@ def test_training_tracks_kid_and_keeps_the_best_by_it(tmp_path):
 
 def test_ieee_fp32_context_sets_and_restores_the_gpu_precision_flags():
     from lib.runtime import ieee_fp32
+
     flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
     before = flags()
     with ieee_fp32():

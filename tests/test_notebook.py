@@ -1,4 +1,5 @@
 """The tutorial notebook runs from top to bottom with the shipped model (every cell, no errors)."""
+
 from pathlib import Path
 
 import nbformat
@@ -13,7 +14,9 @@ def test_notebook_executes(tmp_path):
         pytest.skip("the shipped model models/flowers64.pt is absent")
     nb = nbformat.read(ROOT / "notebook.ipynb", as_version=4)
     # Raises CellExecutionError, with the failing cell and its traceback, on the first error.
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    ).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert sum(o.get("output_type") == "display_data" for o in outputs) >= 10  # the figures were drawn
     nbformat.write(nb, Path(tmp_path) / "executed.ipynb")

@@ -1,4 +1,5 @@
 """Sketch-to-image (SDEdit) and noise interpolation."""
+
 import pytest
 import torch
 from PIL import Image
@@ -43,6 +44,7 @@ def test_with_a_perfect_denoiser_the_drawing_comes_back_at_any_strength():
 
         def forward(self, x, v):
             return oracle_for(x0)(x.double(), v.double())
+
     for strength in (0.01, 0.3, 1.0):
         _, result = sketch_to_image(Oracle(), drawing, MEAN, STD, strength=strength, steps=20)
         torch.testing.assert_close(result, drawing.float() / 255, atol=1e-5, rtol=0)
@@ -68,7 +70,9 @@ def test_lower_strength_starts_later_with_steps_of_the_same_length():
 def test_interpolation_endpoints_are_the_two_plain_samples():
     model = tiny_model()
     noise = interpolation_noise(32, seed=3, frames=5)
-    assert torch.equal(noise[0], initial_noise(1, 32, 3)[0]) and torch.equal(noise[-1], initial_noise(1, 32, 4)[0])
+    assert torch.equal(noise[0], initial_noise(1, 32, 3)[0]) and torch.equal(
+        noise[-1], initial_noise(1, 32, 4)[0]
+    )
     strip = generate(model, noise, MEAN, STD, steps=3)
     torch.testing.assert_close(strip[0], generate(model, initial_noise(1, 32, 3), MEAN, STD, steps=3)[0])
     torch.testing.assert_close(strip[-1], generate(model, initial_noise(1, 32, 4), MEAN, STD, steps=3)[0])
@@ -89,15 +93,32 @@ def test_cli_sketch_and_interpolation(tmp_path, capsys):
     tiny_checkpoint(tmp_path / "m.pt")
     Image.new("RGBA", (70, 50), (200, 50, 80, 255)).save(tmp_path / "drawing.png")
     ckpt = ["--checkpoint", str(tmp_path / "m.pt"), "--steps", "2", "--no-show"]
-    assert sd_inference.main(ckpt + ["--init-image", str(tmp_path / "drawing.png"), "--strength", "0.5",
-                                     "--out", str(tmp_path / "sketch.png")]) == 0
+    assert (
+        sd_inference.main(
+            ckpt
+            + [
+                "--init-image",
+                str(tmp_path / "drawing.png"),
+                "--strength",
+                "0.5",
+                "--out",
+                str(tmp_path / "sketch.png"),
+            ]
+        )
+        == 0
+    )
     assert Image.open(tmp_path / "sketch.png").size[0] == 750  # drawing | noised | result
-    assert sd_inference.main(ckpt + ["--interpolate", "--num-images", "5", "--out", str(tmp_path / "strip.png")]) == 0
+    assert (
+        sd_inference.main(ckpt + ["--interpolate", "--num-images", "5", "--out", str(tmp_path / "strip.png")])
+        == 0
+    )
     assert Image.open(tmp_path / "strip.png").size[0] == 1250  # five frames in a row
     (tmp_path / "bad.png").write_text("not an image")
-    for extra, message in ((["--init-image", str(tmp_path / "missing.png")], "image not found"),
-                           (["--init-image", str(tmp_path / "bad.png")], "cannot read"),
-                           (["--init-image", str(tmp_path / "drawing.png"), "--strength", "0"], "--strength must be in (0, 1]")):
+    for extra, message in (
+        (["--init-image", str(tmp_path / "missing.png")], "image not found"),
+        (["--init-image", str(tmp_path / "bad.png")], "cannot read"),
+        (["--init-image", str(tmp_path / "drawing.png"), "--strength", "0"], "--strength must be in (0, 1]"),
+    ):
         assert sd_inference.main(ckpt + extra + ["--out", str(tmp_path / "x.png")]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and message in err and "\n" not in err
@@ -118,6 +139,7 @@ def test_fresh_noise_of_eta_is_not_the_starting_noise():
     """generate(eta=1) must not draw its fresh noise from the stream that made the starting noise
     (same seed, same generator: the first draw would repeat it)."""
     from lib.diffusion import diffusion_schedule
+
     start = torch.full((4, 3, 16, 16), 0.5)
     out = generate(ZeroNoisePredictor(), start, [0.0] * 3, [1.0] * 3, steps=2, eta=1.0, seed=7, t_start=0.06)
     # Two steps from t=0.06: x_0.03 = (s2/s) x_0.06 + sigma z; the output is x_0.03 / s2 (z std 0.16 there).

@@ -24,7 +24,9 @@ def assert_same_state(path_a, path_b):
         assert torch.equal(a["ema"][k], b["ema"][k]), k
     for k in a["train"]["model"]:
         assert torch.equal(a["train"]["model"][k], b["train"]["model"][k]), k
-    for sa, sb in zip(a["train"]["optimizer"]["state"].values(), b["train"]["optimizer"]["state"].values(), strict=True):
+    for sa, sb in zip(
+        a["train"]["optimizer"]["state"].values(), b["train"]["optimizer"]["state"].values(), strict=True
+    ):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
     for k in ("epoch", "global_step", "best_loss", "bad_epochs"):
         assert a["train"][k] == b["train"][k], k
@@ -34,8 +36,11 @@ def assert_same_state(path_a, path_b):
 def test_loss_halves_on_real_flowers(data_root):
     """A small U-Net on 640 real flowers at 32 px: 200 Adam steps (lr 1e-3, batch 32, bf16 where
     native) take the L1 noise loss from ~0.75 (an untrained network) below half of that."""
-    losses = loss_curve(load_images(32, data_root, limit=640), literal=False,
-                        precision=pick_precision("auto", torch.device("cpu")))
+    losses = loss_curve(
+        load_images(32, data_root, limit=640),
+        literal=False,
+        precision=pick_precision("auto", torch.device("cpu")),
+    )
     assert losses[-20:].mean() < 0.5 * losses[:10].mean(), losses
 
 
@@ -44,7 +49,12 @@ def test_dry_run_prints_the_exact_parameter_counts(capsys):
     assert "parameters: 65289475" in capsys.readouterr().out
     assert sd_train.main(["--dry-run", "--preset", "flowers64"]) == 0
     out = capsys.readouterr().out
-    assert "parameters: 1713059" in out and "epochs: 500" in out and "batch_size: 64" in out and "lr: 0.0003" in out
+    assert (
+        "parameters: 1713059" in out
+        and "epochs: 500" in out
+        and "batch_size: 64" in out
+        and "lr: 0.0003" in out
+    )
 
 
 def test_a_short_run_writes_every_output(data_root, tmp_path):
@@ -59,8 +69,11 @@ def test_a_short_run_writes_every_output(data_root, tmp_path):
 
 
 def test_literal_path_trains_and_its_checkpoint_samples_on_the_fast_path(data_root, tmp_path):
-    assert sd_train.main(run_args(data_root, tmp_path, "--epochs", "1", "--literal", "--num-workers", "2")) == 0
+    assert (
+        sd_train.main(run_args(data_root, tmp_path, "--epochs", "1", "--literal", "--num-workers", "2")) == 0
+    )
     from lib.checkpoint import load_model
+
     model, ckpt = load_model(tmp_path / "last.pt")
     assert not model.literal and ckpt["train"]["args"]["literal"]
 
@@ -90,7 +103,9 @@ class StopAfter:
 def test_stop_mid_epoch_then_resume_equals_an_uninterrupted_run(data_root, tmp_path):
     assert sd_train.main(run_args(data_root, tmp_path / "straight", "--epochs", "2")) == 0
     args, _ = sd_train.resolve_args(run_args(data_root, tmp_path / "split", "--epochs", "2"))
-    sd_train.train(args, None, StopAfter(7))  # asked after each of 4 steps + at the end of epoch 1, then stop after step 2 of epoch 2
+    sd_train.train(
+        args, None, StopAfter(7)
+    )  # asked after each of 4 steps + at the end of epoch 1, then stop after step 2 of epoch 2
     state = torch.load(tmp_path / "split" / "last.pt", weights_only=True)["train"]
     assert (state["epoch"], state["epoch_steps"], state["images_done"]) == (1, 2, 32)
     assert sd_train.main(["--resume", str(tmp_path / "split" / "last.pt")]) == 0
@@ -126,8 +141,12 @@ def test_resume_guards_and_overrides(data_root, tmp_path, capsys):
     old = tmp_path / "old.pt"
     shutil.copy(run / "last.pt", old)
     # flags given on resume override the saved ones, the LR schedule's included
-    assert sd_train.main(["--resume", str(run / "last.pt"), "--epochs", "2", "--lr-patience", "3",
-                          "--lr-factor", "0.25"]) == 0
+    assert (
+        sd_train.main(
+            ["--resume", str(run / "last.pt"), "--epochs", "2", "--lr-patience", "3", "--lr-factor", "0.25"]
+        )
+        == 0
+    )
     sched = torch.load(run / "last.pt", weights_only=True)["train"]["scheduler"]
     assert (sched["patience"], sched["factor"]) == (3, 0.25)
     # the older state resumed into the folder would replace the newer last.pt: refused
@@ -135,7 +154,12 @@ def test_resume_guards_and_overrides(data_root, tmp_path, capsys):
     assert "further along" in capsys.readouterr().err
     # so would a run resumed into another run's folder, however far along either is
     assert sd_train.main(run_args(data_root, tmp_path / "other", "--epochs", "1", "--seed", "7")) == 0
-    assert sd_train.main(["--resume", str(run / "last.pt"), "--epochs", "3", "--out-dir", str(tmp_path / "other")]) == 2
+    assert (
+        sd_train.main(
+            ["--resume", str(run / "last.pt"), "--epochs", "3", "--out-dir", str(tmp_path / "other")]
+        )
+        == 2
+    )
     assert "belongs to another run" in capsys.readouterr().err
     # a generator state of another device type (a CUDA run resumed on a CPU) gets fresh streams
     ckpt = torch.load(old, weights_only=True)
@@ -170,7 +194,12 @@ def test_resume_switching_loss_scaling_on(data_root, tmp_path):
     assert torch.load(tmp_path / "last.pt", weights_only=True)["train"]["scaler"]  # now a real state
     # and back to the fast path with fp16 scaling: Adam runs fused again (the literal run's unfused
     # setting, carried over, made the scaler's fused step fail)
-    assert sd_train.main(["--resume", str(tmp_path / "last.pt"), "--epochs", "3", "--no-literal", "--precision", "fp16"]) == 0
+    assert (
+        sd_train.main(
+            ["--resume", str(tmp_path / "last.pt"), "--epochs", "3", "--no-literal", "--precision", "fp16"]
+        )
+        == 0
+    )
     groups = torch.load(tmp_path / "last.pt", weights_only=True)["train"]["optimizer"]["param_groups"]
     assert all(g["fused"] for g in groups)
 
@@ -192,6 +221,7 @@ def test_stop_request_before_and_during_training(capsys):
 def test_interrupt_exits_130_with_one_line(monkeypatch, capsys):
     def interrupted(argv):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(sd_train, "resolve_args", interrupted)
     assert sd_train.main([]) == 130
     err = capsys.readouterr().err.strip()
@@ -217,9 +247,21 @@ def test_sigterm_saves_last_and_exits_cleanly(data_root, tmp_path):
 def test_bad_inputs_exit_2_with_one_line(data_root, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     cases = [
-        (["--preset", "flowers64", "--data-root", str(tmp_path / "none"), "--out-dir", str(tmp_path)], "flowers-102/jpg"),
-        (["--preset", "flowers64", "--image-dir", str(tmp_path / "empty"), "--out-dir", str(tmp_path / "new")],
-         "holds no images"),
+        (
+            ["--preset", "flowers64", "--data-root", str(tmp_path / "none"), "--out-dir", str(tmp_path)],
+            "flowers-102/jpg",
+        ),
+        (
+            [
+                "--preset",
+                "flowers64",
+                "--image-dir",
+                str(tmp_path / "empty"),
+                "--out-dir",
+                str(tmp_path / "new"),
+            ],
+            "holds no images",
+        ),
         (["--preset", "flowers64", "--image-size", "36", "--data-root", str(data_root)], "multiple of 8"),
         (["--resume", str(tmp_path / "missing.pt")], "checkpoint not found"),
         (run_args(data_root, tmp_path, "--epochs", "0"), "--epochs must be >= 1"),
@@ -229,8 +271,17 @@ def test_bad_inputs_exit_2_with_one_line(data_root, tmp_path, capsys):
     (tmp_path / "file").write_text("not a folder")
     cases += [
         (run_args(data_root, tmp_path / "file" / "run"), "cannot write --out-dir"),
-        (["--preset", "flowers64", "--data-root", str(tmp_path / "none"), "--out-dir", str(tmp_path / "new")],
-         "flowers-102/jpg"),
+        (
+            [
+                "--preset",
+                "flowers64",
+                "--data-root",
+                str(tmp_path / "none"),
+                "--out-dir",
+                str(tmp_path / "new"),
+            ],
+            "flowers-102/jpg",
+        ),
     ]
     for argv, message in cases:
         assert sd_train.main(argv) == 2
@@ -241,13 +292,32 @@ def test_bad_inputs_exit_2_with_one_line(data_root, tmp_path, capsys):
 
 def test_trains_on_a_folder_of_own_pictures(tmp_path, capsys):
     from PIL import Image
+
     pictures = tmp_path / "pictures"
     pictures.mkdir()
     for i in range(6):
         Image.new("RGB", (40 + i, 36), (40 * i, 100 + 10 * i, 200 - 5 * i)).save(pictures / f"{i}.png")
     out = tmp_path / "run"
-    argv = ["--preset", "flowers64", "--image-size", "16", "--image-dir", str(pictures), "--batch-size", "4",
-            "--epochs", "1", "--num-workers", "0", "--num-samples", "2", "--sample-steps", "2", "--out-dir", str(out)]
+    argv = [
+        "--preset",
+        "flowers64",
+        "--image-size",
+        "16",
+        "--image-dir",
+        str(pictures),
+        "--batch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--num-workers",
+        "0",
+        "--num-samples",
+        "2",
+        "--sample-steps",
+        "2",
+        "--out-dir",
+        str(out),
+    ]
     assert sd_train.main(argv) == 0
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["norm"]["mean"] != list(FLOWERS_MEAN)  # statistics computed from the folder
@@ -278,20 +348,30 @@ def test_a_folder_in_use_by_another_run_is_refused(data_root, tmp_path, capsys):
     assert sd_train.main(run_args(data_root, tmp_path, "--epochs", "1")) == 2
     assert f"another training run (process {os.getpid()}) is writing to {tmp_path}" in capsys.readouterr().err
     held.close()
-    assert sd_train.main(run_args(data_root, tmp_path, "--epochs", "1")) == 0  # free again; the run released it too
+    assert (
+        sd_train.main(run_args(data_root, tmp_path, "--epochs", "1")) == 0
+    )  # free again; the run released it too
     held = lock_run_folder(tmp_path)
-    assert sd_train.main(["--resume", str(tmp_path / "last.pt"), "--epochs", "2"]) == 2  # a resume of a run still going
+    assert (
+        sd_train.main(["--resume", str(tmp_path / "last.pt"), "--epochs", "2"]) == 2
+    )  # a resume of a run still going
     held.close()
 
 
-@pytest.mark.parametrize("stage,extra", [("loading images", ["--limit", "8189"]), ("steps per epoch", ["--literal"])])
+@pytest.mark.parametrize(
+    "stage,extra", [("loading images", ["--limit", "8189"]), ("steps per epoch", ["--literal"])]
+)
 def test_sigterm_to_the_whole_process_group_stops_cleanly(data_root, tmp_path, stage, extra):
     # systemd, Slurm and `kill -- -PGID` signal every process of the group, the image-decoding
     # workers too: the run must still stop the orderly way, with no "worker killed" traceback.
-    cmd = [sys.executable, str(ROOT / "sd_train.py"),
-           *run_args(data_root, tmp_path, "--epochs", "1000", "--num-workers", "2", *extra)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        str(ROOT / "sd_train.py"),
+        *run_args(data_root, tmp_path, "--epochs", "1000", "--num-workers", "2", *extra),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     lines = []
     while not any(stage in line for line in lines) and (line := proc.stdout.readline()):
         lines.append(line)
