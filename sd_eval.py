@@ -15,11 +15,11 @@ import time
 
 import torch
 
-from lib import HelpFormatter, UserError, check_at_least, run_cli
 from lib.checkpoint import load_model
+from lib.cli import HelpFormatter, UserError, check_at_least, run_cli
 from lib.data import load_images
 from lib.metrics import EXTRACTORS, build_extractor, extract_features, fid, kid, reference_features, to_uint8
-from lib.runtime import PRECISIONS, setup
+from lib.runtime import add_device_args, setup
 from lib.sample import generate, initial_noise
 
 
@@ -56,10 +56,7 @@ def get_parser():
     p.add_argument("--cache-dir", default="cache", help="real-image features are cached here")
     p.add_argument("--kid-subsets", type=int, default=100, help="KID: random subsets averaged")
     p.add_argument("--kid-subset-size", type=int, default=1000, help="KID: images per subset (at most all)")
-    p.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if there is a GPU"
-    )
-    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="for sampling")
+    add_device_args(p, "for sampling")
     p.add_argument("--batch-size", type=int, default=100, help="images sampled at once")
     p.add_argument("--num-workers", type=int, default=2, help="processes that decode the real images")
     return p
@@ -89,23 +86,40 @@ def score(name, real, fake, args):
     return k_mean, f
 
 
-def run(args):
+def check_args(args):
     if args.checkpoint and args.samples_dir:
         raise UserError("--checkpoint and --samples-dir are two things to score: choose one")
     if args.checkpoint is None and args.samples_dir is None and not args.floor:
         raise UserError("give --checkpoint or --samples-dir (or --floor alone)")
-    check_at_least(
-        args,
-        num_samples=2,
-        steps=1,
-        batch_size=1,
-        kid_subsets=1,
-        kid_subset_size=2,
-        num_workers=0,
-        image_size=1,
-    )
+    check_at_least(args, num_samples=2, steps=1, batch_size=1, kid_subsets=1, kid_subset_size=2)
+    check_at_least(args, num_workers=0, image_size=1)
     if not 0.0 <= args.eta <= 1.0:
         raise UserError(f"--eta must be in [0, 1], got {args.eta}")
+
+
+def sample(model, ckpt, args, precision):
+    """--num-samples images from the checkpoint's EMA network -> uint8 (N, 3, S, S)."""
+    t0 = time.perf_counter()
+    noise = initial_noise(args.num_samples, ckpt["config"]["image_size"], args.seed)
+    mean, std = ckpt["norm"]["mean"], ckpt["norm"]["std"]
+    images = generate(
+        model,
+        noise,
+        mean,
+        std,
+        steps=args.steps,
+        eta=args.eta,
+        seed=args.seed,
+        precision=precision,
+        batch_size=args.batch_size,
+    )
+    seconds = time.perf_counter() - t0
+    print(f"generated {len(images)} samples ({args.steps} steps, eta {args.eta}) in {seconds:.0f}s")
+    return to_uint8(images)
+
+
+def run(args):
+    check_args(args)
     device, precision = setup(args.device, args.precision)
     t0 = time.perf_counter()
     model = ckpt = fake = None
@@ -128,28 +142,10 @@ def run(args):
     )
     extractor = build_extractor(args.extractor, args.inception_weights)
     real_features = reference_features(extractor, real, args.cache_dir, device)
-    print(
-        f"real: {len(real)} images at {size} px, features [{args.extractor}] in {time.perf_counter() - t0:.0f}s"
-    )
+    seconds = time.perf_counter() - t0
+    print(f"real: {len(real)} images at {size} px, features [{args.extractor}] in {seconds:.0f}s")
     if model is not None:
-        t1 = time.perf_counter()
-        noise = initial_noise(args.num_samples, size, args.seed)
-        fake = to_uint8(
-            generate(
-                model,
-                noise,
-                ckpt["norm"]["mean"],
-                ckpt["norm"]["std"],
-                steps=args.steps,
-                eta=args.eta,
-                seed=args.seed,
-                precision=precision,
-                batch_size=args.batch_size,
-            )
-        )
-        print(
-            f"generated {len(fake)} samples ({args.steps} steps, eta {args.eta}) in {time.perf_counter() - t1:.0f}s"
-        )
+        fake = sample(model, ckpt, args, precision)
     if fake is not None:
         score("samples", real_features, extract_features(extractor, fake, device=device), args)
     if args.floor:

@@ -18,10 +18,10 @@ import matplotlib
 import torch
 from torchvision.utils import save_image
 
-from lib import HelpFormatter, UserError, check_at_least, run_cli
 from lib.checkpoint import load_model
-from lib.runtime import PRECISIONS, setup
+from lib.cli import HelpFormatter, UserError, check_at_least, run_cli
 from lib.data import load_image
+from lib.runtime import add_device_args, setup
 from lib.sample import generate, initial_noise, interpolation_noise, sketch_to_image
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "models" / "flowers64.pt"
@@ -39,7 +39,7 @@ def get_parser():
         "--num-images",
         type=int,
         default=None,
-        help="default: 8 samples; with --init-image 1 result (each from other noise); with --interpolate 8 frames",
+        help="default 8 (--init-image: 1 result, each more from other noise; --interpolate: 8 frames)",
     )
     p.add_argument("--steps", type=int, default=20, help="DDIM sampling steps")
     p.add_argument(
@@ -47,12 +47,7 @@ def get_parser():
     )
     p.add_argument("--seed", type=int, default=0, help="same seed, same images")
     p.add_argument("--image-size", type=int, default=None, help="override the checkpoint's image size")
-    p.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if there is a GPU"
-    )
-    p.add_argument(
-        "--precision", default="auto", choices=PRECISIONS, help="fp32 reproduces the original exactly"
-    )
+    add_device_args(p, "fp32 reproduces the original exactly")
     p.add_argument("--batch-size", type=int, default=64, help="images sampled at once")
     p.add_argument("--out", default="generated.png", help="where the figure is saved")
     p.add_argument("--save-dir", default=None, help="also save each image as its own PNG here")
@@ -86,7 +81,8 @@ def figure(images, title="Generated Images", cols=4, labels=None):
     )
     for ax in axes.flat:
         ax.axis("off")
-    for i, (ax, img) in enumerate(zip(axes.flat, images)):
+    # The last row may have room to spare: fewer images than axes.
+    for i, (ax, img) in enumerate(zip(axes.flat, images, strict=False)):
         ax.imshow(img.permute(1, 2, 0).numpy())
         if labels:
             ax.set_title(labels[i % len(labels)], fontsize=9)
@@ -94,7 +90,8 @@ def figure(images, title="Generated Images", cols=4, labels=None):
     return fig
 
 
-def run(args):
+def check_args(args):
+    """One-line errors for flags that cannot work together; --num-images gets its default."""
     if args.init_image and args.interpolate:
         raise UserError("--init-image and --interpolate are two different pictures: choose one")
     if args.num_images is None:
@@ -108,10 +105,14 @@ def run(args):
         raise UserError(f"--eta must be in [0, 1], got {args.eta}")
     if args.init_image and not 0.0 < args.strength <= 1.0:
         raise UserError(f"--strength must be in (0, 1], got {args.strength}")
+
+
+def figure_path(out_arg):
+    """--out -> the file matplotlib will really write (a folder gets generated.png inside it)."""
     from matplotlib.backend_bases import FigureCanvasBase
 
-    out = Path(args.out)
-    if args.out.endswith(("/", os.sep)) or out.is_dir():  # a folder: the default name inside it
+    out = Path(out_arg)
+    if out_arg.endswith(("/", os.sep)) or out.is_dir():
         out = out / "generated.png"
     if not out.suffix:  # matplotlib would add .png itself; say the name it really writes
         out = out.with_suffix(".png")
@@ -119,19 +120,69 @@ def run(args):
         raise UserError(
             f"--out {out}: matplotlib cannot write {out.suffix} files (use .png, .jpg, .pdf or .svg)"
         )
-    if args.checkpoint is None:
-        if not DEFAULT_CHECKPOINT.is_file():
-            raise UserError(
-                f"the shipped model {DEFAULT_CHECKPOINT} is not there yet; train one with "
-                "`python sd_train.py --preset flowers64 --data-root <folder with flowers-102/>` "
-                "and pass --checkpoint output_sd/best.pt"
-            )
-        args.checkpoint = DEFAULT_CHECKPOINT
+    return out
+
+
+def checkpoint_path(arg):
+    """--checkpoint, or the shipped model (with a hint where it is missing)."""
+    if arg is not None:
+        return arg
+    if not DEFAULT_CHECKPOINT.is_file():
+        raise UserError(
+            f"the shipped model {DEFAULT_CHECKPOINT} is not there yet; train one with "
+            "`python sd_train.py --preset flowers64 --data-root <folder with flowers-102/>` "
+            "and pass --checkpoint output_sd/best.pt"
+        )
+    return DEFAULT_CHECKPOINT
+
+
+def sketch(model, ckpt, drawing, args, precision):
+    """--init-image: one SDEdit result per seed -> (results, panels, figure options); each row of
+    panels shows the drawing, its noised version and the result."""
+    mean, std = ckpt["norm"]["mean"], ckpt["norm"]["std"]
+    rows = [
+        sketch_to_image(
+            model, drawing, mean, std, args.strength, args.steps, args.eta, args.seed + i, precision
+        )
+        for i in range(args.num_images)
+    ]
+    panels = torch.cat([torch.cat([drawing.float() / 255, noisy, result]) for noisy, result in rows])
+    labels = ["drawing", f"noised to t={args.strength}", "result"]
+    fig_args = dict(title=f"Sketch to image (strength {args.strength})", cols=3, labels=labels)
+    return torch.cat([result for _, result in rows]), panels, fig_args
+
+
+def paint(model, ckpt, args, precision):
+    """Samples from seeded noise, or an interpolation strip -> (images, panels, figure options)."""
+    size = ckpt["config"]["image_size"]
+    if args.interpolate:
+        noise = interpolation_noise(size, args.seed, args.num_images)
+        fig_args = dict(title=f"Interpolation: seed {args.seed} to {args.seed + 1}", cols=args.num_images)
+    else:
+        noise, fig_args = initial_noise(args.num_images, size, args.seed), {}
+    mean, std = ckpt["norm"]["mean"], ckpt["norm"]["std"]
+    images = generate(
+        model,
+        noise,
+        mean,
+        std,
+        steps=args.steps,
+        eta=args.eta,
+        seed=args.seed,
+        precision=precision,
+        batch_size=args.batch_size,
+    )
+    return images, images, fig_args
+
+
+def run(args):
+    check_args(args)
+    out = figure_path(args.out)
+    checkpoint = checkpoint_path(args.checkpoint)
     device, precision = setup(args.device, args.precision)
-    model, ckpt = load_model(args.checkpoint, device, args.image_size)
+    model, ckpt = load_model(checkpoint, device, args.image_size)
     model = model.to(memory_format=torch.channels_last)
     size = ckpt["config"]["image_size"]
-    mean, std = ckpt["norm"]["mean"], ckpt["norm"]["std"]
     drawing = load_image(args.init_image, size) if args.init_image else None
     # Folders before sampling, so an unwritable place fails before minutes of work; after the
     # inputs, so a mistyped checkpoint or picture leaves no empty folders behind.
@@ -139,48 +190,13 @@ def run(args):
     if args.save_dir:
         Path(args.save_dir).mkdir(parents=True, exist_ok=True)
     if args.init_image:
-        rows = [
-            sketch_to_image(
-                model, drawing, mean, std, args.strength, args.steps, args.eta, args.seed + i, precision
-            )
-            for i in range(args.num_images)
-        ]
-        images = torch.cat([r[1] for r in rows])
-        panels = torch.cat([torch.cat([drawing.float() / 255, noisy, result]) for noisy, result in rows])
-        fig_args = dict(
-            title=f"Sketch to image (strength {args.strength})",
-            cols=3,
-            labels=["drawing", f"noised to t={args.strength}", "result"],
-        )
+        images, panels, fig_args = sketch(model, ckpt, drawing, args, precision)
     else:
-        noise = (
-            interpolation_noise(size, args.seed, args.num_images)
-            if args.interpolate
-            else initial_noise(args.num_images, size, args.seed)
-        )
-        images = generate(
-            model,
-            noise,
-            mean,
-            std,
-            steps=args.steps,
-            eta=args.eta,
-            seed=args.seed,
-            precision=precision,
-            batch_size=args.batch_size,
-        )
-        panels = images
-        fig_args = (
-            dict(title=f"Interpolation: seed {args.seed} to {args.seed + 1}", cols=args.num_images)
-            if args.interpolate
-            else {}
-        )
-
+        images, panels, fig_args = paint(model, ckpt, args, precision)
     if args.save_dir:
-        save_dir = Path(args.save_dir)
         for i, img in enumerate(images):
-            save_image(img, save_dir / f"sample_{args.seed}_{i:04d}.png")
-        print(f"saved {len(images)} image{'s' * (len(images) != 1)} of {size}x{size} to {save_dir}")
+            save_image(img, Path(args.save_dir) / f"sample_{args.seed}_{i:04d}.png")
+        print(f"saved {len(images)} image{'s' * (len(images) != 1)} of {size}x{size} to {args.save_dir}")
     # Headless machines get a file; a window only opens where matplotlib found a GUI backend.
     import matplotlib.pyplot as plt
 

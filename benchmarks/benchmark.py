@@ -26,21 +26,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lib import HelpFormatter, UserError, check_at_least, run_cli  # noqa: E402
-from lib.data import (
-    FLOWERS_MEAN,
-    FLOWERS_STD,
-    DecodedBatches,
-    JpegBatches,
-    epoch_order,
-    load_images,  # noqa: E402
-    to_model_space,
-)
-from lib.diffusion import ddim_sample, training_loss  # noqa: E402
-from lib.runtime import PRECISIONS, literal_precision, setup  # noqa: E402
-from lib.sample import generate, initial_noise  # noqa: E402
-from lib.unet import PRESETS, model_config  # noqa: E402
-from lib.training import Training  # noqa: E402
+from lib.cli import HelpFormatter, UserError, check_at_least, run_cli
+from lib.data import DecodedBatches, JpegBatches, epoch_order, load_images
+from lib.diffusion import ddim_sample, training_loss
+from lib.normalization import FLOWERS_MEAN, FLOWERS_STD, to_model_space
+from lib.runtime import add_device_args, literal_precision, setup
+from lib.sample import generate, initial_noise
+from lib.training import Training
+from lib.unet import PRESETS, model_config
 
 # Dense 16-bit tensor-core peaks (FLOP/s) from the vendors' data sheets, by a fragment of the
 # device name (the longest matching one counts): bf16, or fp16 on V100/T4, which have no bf16.
@@ -145,11 +138,10 @@ def sample_literal(model, noise, steps):
 
 def train_flops(run, cfg, batch, device):
     """FLOPs of one forward + backward pass, counted on the plain network: torch.compile'd code
-    first run under the counter's dispatch mode kept eager speed and memory afterwards (H100,
-    sd128: 1305 img/s, 6254 MB; counted this way 1446 img/s, 4680 MB). Adam and the EMA are
-    elementwise: no FLOPs by this count. Counted in fp32 (FLOPs do not depend on the precision):
-    in bf16 on a CPU the blocks' convolutions run as fused oneDNN calls, which the counter does
-    not know (lib/cpu_fusion.py)."""
+    first run under the counter's dispatch mode stays at eager speed and memory afterwards. Adam
+    and the EMA are elementwise: no FLOPs by this count. Counted in fp32 (FLOPs do not depend on
+    the precision): in bf16 on a CPU the blocks' convolutions run as fused oneDNN calls, which the
+    counter does not know (lib/cpu_fusion.py)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     x0 = torch.randn(batch, 3, cfg["image_size"], cfg["image_size"], device=device)
@@ -162,7 +154,8 @@ def train_flops(run, cfg, batch, device):
 def machine(device):
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -172,11 +165,8 @@ def machine(device):
     return text
 
 
-def bench_preset(preset, args, device, precision):
-    cfg = model_config(preset)
-    batch = args.batch
-    steps = args.steps or (20 if preset == "flowers64" or device.type == "cuda" else 4)
-    n_images = batch * (steps + args.warmup + LOOKAHEAD * args.num_workers)
+def build_sides(preset, cfg, args, device, precision, steps, n_images):
+    """-> {"literal": (Training, JPEG loader), "fast": (Training, decoded batches)}."""
     jpegs = JpegBatches(
         cfg["image_size"],
         device,
@@ -187,64 +177,76 @@ def bench_preset(preset, args, device, precision):
     )
     if len(jpegs) < n_images:
         raise UserError(
-            f"{preset}: {steps} timed + {args.warmup} warm-up steps of {batch} (and the loader's lookahead) "
-            f"need {n_images} images, the data has {len(jpegs)}: lower --steps, --warmup or --batch"
+            f"{preset}: {steps} timed + {args.warmup} warm-up steps of {args.batch} (and the loader's "
+            f"lookahead) need {n_images} images, the data has {len(jpegs)}: "
+            "lower --steps, --warmup or --batch"
         )
-    sides = {
+    decoded = DecodedBatches(load_images(cfg["image_size"], args.data_root, limit=n_images), device)
+    return {
         "literal": (Training(cfg, device, literal_precision(device), 3e-4, literal=True), jpegs),
-        "fast": (
-            Training(cfg, device, precision, 3e-4, compile=args.compile),
-            DecodedBatches(load_images(cfg["image_size"], args.data_root, limit=n_images), device),
-        ),
+        "fast": (Training(cfg, device, precision, 3e-4, compile=args.compile), decoded),
     }
-    fast = sides["fast"][0]
-    flops_per_image = train_flops(fast, cfg, 2, device) / 2  # FLOPs grow linearly with the batch
-    n_sample = args.sample_images or (64 if device.type == "cuda" else 16 if preset == "flowers64" else 4)
-    noise = initial_noise(n_sample, cfg["image_size"], seed=0)
+
+
+def time_sampling(name, run, noise, precision, device):
+    """images/s of 20-step DDIM with the side's EMA network."""
+    run.ema.eval()
+    t0 = time.perf_counter()
+    if name == "literal":
+        sample_literal(run.ema, noise, 20)
+    else:
+        generate(run.ema, noise, FLOWERS_MEAN, FLOWERS_STD, steps=20, precision=precision)
+    sync(device)
+    return len(noise) / (time.perf_counter() - t0)
+
+
+def measure(preset, sides, args, steps, n_images, noise, precision, device):
+    """Alternating timed rounds of both sides, then a memory pass -> {side: measurements}."""
     results = {name: dict(train=[], sample=[]) for name in sides}
-
-    def sample(name, run):
-        run.ema.eval()
-        t0 = time.perf_counter()
-        if name == "literal":
-            sample_literal(run.ema, noise, 20)
-        else:
-            generate(run.ema, noise, FLOWERS_MEAN, FLOWERS_STD, steps=20, precision=precision)
-        sync(device)
-        return n_sample / (time.perf_counter() - t0)
-
     for r in range(args.rounds):
         for name, (run, data) in sides.items():
-            seconds = time_training(run, data, n_images, batch, steps, args.warmup, r, device)
-            results[name]["train"].append(batch * steps / seconds)
-            results[name]["sample"].append(sample(name, run))
+            seconds = time_training(run, data, n_images, args.batch, steps, args.warmup, r, device)
+            results[name]["train"].append(args.batch * steps / seconds)
+            results[name]["sample"].append(time_sampling(name, run, noise, precision, device))
             print(
                 f"  {preset} round {r + 1} {name}: train {results[name]['train'][-1]:.2f} img/s, "
                 f"sample {results[name]['sample'][-1]:.2f} img/s",
                 file=sys.stderr,
             )
-    # Memory in a pass of its own: the CPU's RSS sampling thread would slow the timed rounds (~3%).
+    # Memory in a pass of its own: the CPU's RSS sampling thread would slow the timed rounds.
     for name, (run, data) in sides.items():
         with PeakMemory(device) as mem:
-            time_training(run, data, n_images, batch, steps, args.warmup, args.rounds, device)
+            time_training(run, data, n_images, args.batch, steps, args.warmup, args.rounds, device)
         results[name]["train_mem"] = mem.peak
         with PeakMemory(device) as mem:
-            sample(name, run)
+            time_sampling(name, run, noise, precision, device)
         results[name]["sample_mem"] = mem.peak
+    return results
+
+
+def bench_preset(preset, args, device, precision):
+    """Both paths of one preset -> its two table rows (the best round of each: least disturbed)."""
+    cfg = model_config(preset)
+    steps = args.steps or (20 if preset == "flowers64" or device.type == "cuda" else 4)
+    n_images = args.batch * (steps + args.warmup + LOOKAHEAD * args.num_workers)
+    sides = build_sides(preset, cfg, args, device, precision, steps, n_images)
+    flops_per_image = train_flops(sides["fast"][0], cfg, 2, device) / 2  # FLOPs grow linearly with the batch
+    n_sample = args.sample_images or (64 if device.type == "cuda" else 16 if preset == "flowers64" else 4)
+    noise = initial_noise(n_sample, cfg["image_size"], seed=0)
+    results = measure(preset, sides, args, steps, n_images, noise, precision, device)
+    peak = gpu_peak(torch.cuda.get_device_name()) if device.type == "cuda" else None
     rows = []
-    for name in sides:
-        res = results[name]
-        train_ips, sample_ips = max(res["train"]), max(res["sample"])  # best round: least disturbed
+    for name, res in results.items():
+        train_ips = max(res["train"])
         tflops = flops_per_image * train_ips / 1e12
-        peak = gpu_peak(torch.cuda.get_device_name()) if device.type == "cuda" else None
         rows.append(
             dict(
                 preset=preset,
-                batch=batch,
+                batch=args.batch,
                 path="fast, compiled" if name == "fast" and args.compile else name,
                 precision=literal_precision(device) if name == "literal" else precision,
                 train=train_ips,
-                sample=sample_ips,
+                sample=max(res["sample"]),
                 train_mem=res["train_mem"] / 2**20,
                 sample_mem=res["sample_mem"] / 2**20,
                 tflops=tflops,
@@ -267,10 +269,7 @@ def main(argv=None):
         choices=sorted(PRESETS),
         help="networks to measure",
     )
-    p.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if there is a GPU"
-    )
-    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="the fast path's precision")
+    add_device_args(p, "the fast path's precision")
     p.add_argument("--batch", type=int, default=64, help="training batch (64 is the original's)")
     p.add_argument(
         "--steps", type=int, default=None, help="timed training steps a round (default 20; sd128 on CPU 4)"
@@ -300,14 +299,16 @@ def run(args):
     mem = "working GPU memory MB" if device.type == "cuda" else "working memory MB"
     print(f"\nMachine: {machine(device)}\n")
     print(
-        f"| preset | batch | path | precision | train img/s | x | sample img/s (20 steps) | x | {mem} train / sample | train TFLOP/s | MFU |"
+        "| preset | batch | path | precision | train img/s | x | sample img/s (20 steps) | x | "
+        f"{mem} train / sample | train TFLOP/s | MFU |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         base = next(r for r in rows if r["preset"] == row["preset"] and r["path"] == "literal")
         print(
             f"| {row['preset']} | {row['batch']} | {row['path']} | {row['precision']} | {row['train']:.1f} | "
-            f"{row['train'] / base['train']:.2f} | {row['sample']:.1f} | {row['sample'] / base['sample']:.2f} | "
+            f"{row['train'] / base['train']:.2f} | {row['sample']:.1f} | "
+            f"{row['sample'] / base['sample']:.2f} | "
             f"{row['train_mem']:.0f} / {row['sample_mem']:.0f} | {row['tflops']:.2f} | {row['mfu']} |"
         )
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lib import UserError, run_cli  # noqa: E402
+from lib.cli import UserError, run_cli
 
 
 def main(argv=None):

@@ -12,7 +12,6 @@ are read by the same loader and converted on the fly.
 """
 
 import argparse
-import os
 import pickle
 import re
 import sys
@@ -20,76 +19,13 @@ from pathlib import Path
 
 import torch
 
-from lib import UserError, run_cli
-from lib.data import FLOWERS_MEAN, FLOWERS_STD
+from lib.cli import UserError, run_cli
+from lib.files import atomic_save
+from lib.normalization import FLOWERS_MEAN, FLOWERS_STD
 from lib.unet import build_unet, check_image_size
 
 FORMAT = "flowers-ddim/1"
 ORIGINAL_IMAGE_SIZE = 128  # the original trained and sampled at 128 px only; its files do not say
-
-
-def atomic_save(obj, path):
-    """Write to a temporary file beside `path`, then rename: a crash never leaves a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def lock_run_folder(folder):
-    """Hold an advisory lock on a training run's folder for as long as the returned file is open
-    (the life of the run), so that a second run into the same folder, from another terminal or a
-    --resume of a run still going, is refused instead of interleaving its checkpoints with the
-    first's. The OS drops the lock when the process ends, however it ends: no stale locks. -> the
-    open lock file, or None where there is no flock (Windows) or the file system refuses it."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    try:
-        f = open(Path(folder) / ".lock", "a+")
-    except OSError:  # a folder this process cannot write: the caller's checks say so
-        return None
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "?"
-        f.close()
-        raise UserError(
-            f"another training run (process {holder}) is writing to {folder}: let it finish, stop it, "
-            "or choose another --out-dir"
-        ) from None
-    except OSError:  # e.g. a network file system without locks: train unguarded rather than not at all
-        f.close()
-        return None
-    f.truncate(0)
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
-
-
-def read_cache(path):
-    """A tensor this repo saved as a cache -> the tensor; None when the file is absent, or torn or
-    foreign (then it is recomputed and replaced: a warning, not a failure)."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # whatever a broken file makes torch.load raise
-        cached = None
-    if isinstance(cached, torch.Tensor):
-        return cached
-    print(f"warning: {path} is not a readable cache file; computing it again", file=sys.stderr)
-    return None
 
 
 def make_checkpoint(config, mean, std, ema_state, train_state=None):
@@ -177,7 +113,7 @@ def load_weights(model, state, path):
         unexpected = [k for k in state if k not in own]
         shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
         detail = "; ".join(
-            f"{name}: {keys[0]}{' and %d more' % (len(keys) - 1) if len(keys) > 1 else ''}"
+            f"{name}: {keys[0]}{f' and {len(keys) - 1} more' if len(keys) > 1 else ''}"
             for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes))
             if keys
         )

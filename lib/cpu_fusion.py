@@ -1,13 +1,11 @@
 """A convolution and the step after it (LeakyReLU, or the residual add) as one oneDNN call, on CPUs.
 
 Why: on a CPU in bf16 the fast path spends as long in memory-bound passes over activations as in
-the convolutions (this machine streams ~23 GB/s; one pass over a level-0 flowers64 activation,
-64x32x64x64 bf16, is 16.8 MB). Eager PyTorch writes a convolution's output and reads it back for
-the LeakyReLU or the residual add; oneDNN can apply either as a post-op while the output is still
-in cache (`mkldnn._convolution_pointwise`, the op inductor emits for CPU inference). That op has
-no autograd formula, so each pairing below is an autograd.Function whose backward is exactly the
-unfused ops' backward. Measured here (2-core Xeon, AMX, bf16, batch 64): a training step 5-7%
-faster for flowers64, 2-6% for sd128; in fp32 it was 2% slower, so only bf16 uses it.
+the convolutions. Eager PyTorch writes a convolution's output and reads it back for the LeakyReLU
+or the residual add; oneDNN can apply either as a post-op while the output is still in cache
+(`mkldnn._convolution_pointwise`, the op inductor emits for CPU inference). That op has no
+autograd formula, so each pairing below is an autograd.Function whose backward is exactly the
+unfused ops' backward. It pays off in bf16 only (README, "Speed", has the figures).
 """
 
 import platform

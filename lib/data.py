@@ -20,13 +20,14 @@ from PIL import Image, ImageOps
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchvision.datasets import Flowers102
 
-from lib import UserError
+from lib.cli import UserError
+from lib.files import atomic_save, read_cache
 
-# Per-channel statistics of Flowers102 (the original's numbers), for the normalization x -> (x - mean) / std.
-FLOWERS_MEAN = (0.4750, 0.3940, 0.3079)
-FLOWERS_STD = (0.2218, 0.2075, 0.2036)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-FLOWERS_LAYOUT = "<root>/flowers-102/jpg/image_00001.jpg ..., <root>/flowers-102/imagelabels.mat, <root>/flowers-102/setid.mat"
+FLOWERS_LAYOUT = (
+    "<root>/flowers-102/jpg/image_00001.jpg ..., <root>/flowers-102/imagelabels.mat, "
+    "<root>/flowers-102/setid.mat"
+)
 
 
 def to_rgb(img):
@@ -171,8 +172,6 @@ def load_images(
     dataset = image_dataset(image_size, data_root, image_dir, download, limit)
     if cache_dir is None:
         return decode_all(dataset, num_workers)
-    from lib.checkpoint import atomic_save, read_cache  # imported here: lib.checkpoint imports this module
-
     paths = (
         ImageFiles(image_dir, None).paths
         if image_dir
@@ -199,9 +198,7 @@ class DecodedBatches:
 
     def batches(self, index_batches):
         # One host-to-device copy of the indices per epoch. A copy per step blocks the host until
-        # the GPU has drained its queue, so the GPU then idles while the next step is launched
-        # (H100, sd128 compiled: 1446 img/s end to end with a copy per step, 1641 with this; the
-        # step alone 1838).
+        # the GPU has drained its queue, so the GPU then idles while the next step is launched.
         if not len(index_batches):
             return
         sizes = [len(idx) for idx in index_batches]
@@ -211,12 +208,11 @@ class DecodedBatches:
 
 class JpegBatches:
     """The original's loader: worker processes decode, resize, crop and convert every image to
-    float every epoch, with the original's transforms (torchvision's v1 ones; on a full-size
-    Flowers102 JPEG they take ~3 ms here, the PIL resize that DecodedBatches runs once ~2 ms).
-    As many workers as asked, like the original's 4 on any machine: on a small one they compete
-    with the training step for the cores, and that is part of what is measured. Kept to measure
-    against (sd_train.py --literal, benchmarks/); the same images in the same order as
-    DecodedBatches, up to one grey level of resize rounding."""
+    float every epoch, with the original's transforms (torchvision's v1 ones). As many workers as
+    asked, like the original's 4 on any machine: on a small one they compete with the training
+    step for the cores, and that is part of what is measured. Kept to measure against
+    (sd_train.py --literal, benchmarks/); the same images in the same order as DecodedBatches, up
+    to one grey level of resize rounding."""
 
     def __init__(self, image_size, device, num_workers=4, **source):
         to_float = Tv1.Compose(
@@ -246,46 +242,6 @@ class JpegBatches:
         for images in loader:
             if images is not None:  # None only if every file of the batch was unreadable
                 yield images.to(self.device, non_blocking=True)  # (B, 3, S, S) float in [0, 1]
-
-
-def compute_stats(images, chunk=512):
-    """Per-channel mean and std (over all pixels, in [0, 1]) of a uint8 (N, 3, H, W) tensor."""
-    total = torch.zeros(3, dtype=torch.float64)
-    total_sq = torch.zeros(3, dtype=torch.float64)
-    for part in images.split(chunk):
-        x = part.double().div(255)
-        total += x.sum(dim=(0, 2, 3))
-        total_sq += x.square().sum(dim=(0, 2, 3))
-    n = images.shape[0] * images.shape[2] * images.shape[3]
-    mean = total / n
-    std = (total_sq / n - mean.square()).clamp_min(0).sqrt()
-    if std.min() < 1e-3:  # normalizing would divide by ~0: NaN losses from the first step
-        raise UserError(
-            f"the images do not vary in colour channel {'RGB'[int(std.argmin())]} (std {std.min():.1e}): "
-            "nothing to normalize or learn"
-        )
-    return mean.tolist(), std.tolist()
-
-
-def to_model_space(images, mean, std, flip_generator=None):
-    """uint8 (or float in [0, 1]) (B,3,H,W) -> normalized float; with a generator, each image is
-    mirrored with p=1/2."""
-    x = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
-    if flip_generator is not None:
-        flip = torch.rand(x.shape[0], 1, 1, 1, device=x.device, generator=flip_generator) < 0.5
-        x = torch.where(flip, x.flip(3), x)
-    return (x - per_channel(mean, x.device)) / per_channel(std, x.device)
-
-
-def per_channel(values, device):
-    """Three per-channel numbers -> (1, 3, 1, 1) on the device, sent without waiting: a blocking
-    host-to-device copy would make the host wait for the GPU's queue at every training step."""
-    return torch.as_tensor(values, dtype=torch.float32).view(1, 3, 1, 1).to(device, non_blocking=True)
-
-
-def to_image_space(x, mean, std):
-    """Normalized (B,3,H,W) -> float images clamped to [0, 1]."""
-    return (x.float() * per_channel(std, x.device) + per_channel(mean, x.device)).clamp(0, 1)
 
 
 def epoch_order(num_images, epoch, seed):

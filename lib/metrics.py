@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from scipy import linalg
 
-from lib import UserError
-from lib.checkpoint import atomic_save, read_cache
+from lib.cli import UserError
+from lib.files import atomic_save, read_cache
 from lib.runtime import ieee_fp32
 from lib.sample import generate, initial_noise
 
@@ -119,7 +119,7 @@ def build_extractor(name, inception_weights=None):
 def extract_features(extractor, images, batch_size=16, device="cpu"):
     """uint8 (N, 3, H, W) -> float64 (N, D) features, in fp32 (metrics must not depend on the
     hardware's bf16 support). Small batches: at 224 px, batches of 100 make activations of
-    hundreds of MB that the allocator maps and page-faults in anew each time (5x slower on CPU)."""
+    hundreds of MB that the allocator maps and page-faults in anew each time (far slower on a CPU)."""
     extractor = extractor.to(device)
     with ieee_fp32():
         out = [extractor(chunk.to(device)).double().cpu() for chunk in images.split(batch_size)]

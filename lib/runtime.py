@@ -8,9 +8,16 @@ import sys
 
 import torch
 
-from lib import UserError
+from lib.cli import UserError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def add_device_args(parser, precision_help):
+    """The --device and --precision flags, the same in every script."""
+    parser.add_argument("--device", default="auto", choices=DEVICES, help="auto: cuda if there is a GPU")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help=precision_help)
 
 
 def pick_device(name="auto"):
@@ -83,7 +90,7 @@ def set_threads():
 def keep_freed_memory():
     """glibc hands every freed block over 128 KB back to the OS and page-faults it in again on
     the next allocation: tens of MB of activations, every step. Raising the mmap and trim
-    thresholds (glibc's mallopt) keeps it in the heap for reuse: about 5% faster CPU training."""
+    thresholds (glibc's mallopt) keeps it in the heap for reuse."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -105,7 +112,7 @@ def setup(device_name="auto", precision_name="auto"):
         # The ops autocast leaves in fp32 may use TF32 (10-bit mantissa) tensor cores; --precision
         # fp32 means IEEE fp32, the same numbers as on a CPU. These are the flags that inductor
         # reads: after torch's newer per-backend `fp32_precision` settings, torch.compile's
-        # max-autotune stops with "mix of the legacy and new APIs" (torch 2.11, H100).
+        # max-autotune stops with "mix of the legacy and new APIs" (torch 2.11).
         tf32 = precision != "fp32"
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     return device, precision

@@ -2,8 +2,8 @@
 
 import torch
 
-from lib.data import to_image_space, to_model_space
 from lib.diffusion import add_noise, ddim_sample
+from lib.normalization import to_image_space, to_model_space
 from lib.runtime import autocast
 
 
@@ -56,8 +56,9 @@ def interpolation_noise(image_size, seed, frames):
 @torch.inference_mode()
 def sketch_to_image(model, images, mean, std, strength=0.6, steps=20, eta=0.0, seed=0, precision="fp32"):
     """SDEdit (Meng et al. 2022): noise uint8 images (N, 3, S, S) to t = strength, denoise from
-    there. -> (noisy images, results), both float in [0, 1] on the CPU. strength 1 starts from t = 1,
-    where 2% of the signal (the schedule's floor) is still the picture's: nearly plain sampling; near 0 the input comes back nearly unchanged. The sampler takes
+    there. -> (noisy images, results), both float in [0, 1] on the CPU. strength 1 starts from
+    t = 1, where 2% of the signal (the schedule's floor) is still the picture's: nearly plain
+    sampling; near 0 the input comes back nearly unchanged. The sampler takes
     round(strength * steps) steps, so the steps are about as long as in plain sampling."""
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")

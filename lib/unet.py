@@ -142,8 +142,8 @@ class UNet(nn.Module):
            that sum to 1): it runs at the low resolution, and fewer channels are upsampled;
         3. on a CPU in bf16 the blocks run their convolutions fused with LeakyReLU and the
            residual add (lib/cpu_fusion.py).
-        1 and 2 make training about 1.25x faster on a CPU, 3 another 5-7%. tests/test_unet.py
-        checks 1 and 2 (outputs and gradients against _forward_literal, fp64), tests/test_cpu_fusion.py 3.
+        tests/test_unet.py checks 1 and 2 (outputs and gradients against _forward_literal, fp64),
+        tests/test_cpu_fusion.py checks 3; README's "Speed" says what each saves.
         """
         w0 = self.widths[0]
         e = sinusoidal_embedding(noise_var, self.embedding_dim).to(x.dtype)  # (B, E)

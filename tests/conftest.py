@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib.data import FLOWERS_MEAN, FLOWERS_STD, to_model_space
+from lib.normalization import FLOWERS_MEAN, FLOWERS_STD, to_model_space
 from lib.training import Training
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -89,8 +89,8 @@ def test_fused_network_has_bf16_accuracy(monkeypatch):
     def err(a, b):
         return ((a - b).norm() / b.norm()).item()
 
-    assert any(not torch.equal(f, p) for f, p in zip(fused, plain))  # the fused path really ran
-    for i, (e, p, f) in enumerate(zip(exact, plain, fused)):
+    assert any(not torch.equal(f, p) for f, p in zip(fused, plain, strict=True))  # the fused path really ran
+    for i, (e, p, f) in enumerate(zip(exact, plain, fused, strict=True)):
         # bf16 keeps 8 significant bits (relative rounding 2^-9 = 0.2%); accumulated over the
         # network, errors land at 0.15-12% (the largest on small gradients) for both paths, the
         # fused path's at 0.7-1.3x the unfused one's (observed on this CPU).

@@ -5,17 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lib import UserError
-from lib.data import (
-    FLOWERS_MEAN,
-    FLOWERS_STD,
-    compute_stats,
-    epoch_order,
-    load_images,
-    to_image_space,
-    to_model_space,
-    to_rgb,
-)
+from lib.cli import UserError
+from lib.data import epoch_order, load_images, to_rgb
+from lib.normalization import FLOWERS_MEAN, FLOWERS_STD, compute_stats, to_image_space, to_model_space
 
 
 def test_flowers102_subset_is_fixed_resized_and_cropped(data_root):
@@ -53,7 +45,7 @@ def test_flowers_statistics_against_the_originals(data_root):
     # the normalized data then has std ~1.3, which the network absorbs) and compute true ones elsewhere.
     mean, std = compute_stats(load_images(64, data_root, limit=600))
     assert mean == pytest.approx(FLOWERS_MEAN, abs=0.02)
-    assert all(s > o for s, o in zip(std, FLOWERS_STD))
+    assert all(s > o for s, o in zip(std, FLOWERS_STD, strict=True))
 
 
 def test_missing_flowers_is_one_clear_error(tmp_path):
@@ -69,7 +61,7 @@ def test_download_failure_is_one_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tv, "download_and_extract_archive", offline)
     monkeypatch.setattr(tv, "download_url", offline)
-    with pytest.raises(UserError, match="could not download Flowers102.*network is unreachable"):
+    with pytest.raises(UserError, match=r"could not download Flowers102.*network is unreachable"):
         load_images(32, tmp_path, download=True)
 
 

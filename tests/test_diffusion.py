@@ -50,7 +50,9 @@ def test_ddim_with_an_oracle_recovers_the_clean_image(eta, steps):
 
 
 def test_ddim_eta0_is_deterministic_and_eta1_is_not():
-    model = lambda x, v: 0.5 * x  # any smooth predictor
+    def model(x, v):  # any smooth predictor
+        return 0.5 * x
+
     noise = torch.randn(2, 3, 4, 4)
     a = ddim_sample(model, noise, eta=0.0, generator=torch.Generator().manual_seed(1))
     b = ddim_sample(model, noise, eta=0.0, generator=torch.Generator().manual_seed(2))
@@ -62,7 +64,10 @@ def test_ddim_eta0_is_deterministic_and_eta1_is_not():
 
 def test_ddim_eta0_step_matches_the_original_loop():
     """One hand-written step of the original's loop (t=1 -> 1/2, then return x0_hat at t=1/2)."""
-    model = lambda x, v: torch.tanh(x) * v.view(-1, 1, 1, 1)
+
+    def model(x, v):
+        return torch.tanh(x) * v.view(-1, 1, 1, 1)
+
     x1 = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     n1, s1 = diffusion_schedule(torch.tensor(1.0, dtype=torch.float64))
     n2, s2 = diffusion_schedule(torch.tensor(0.5, dtype=torch.float64))
@@ -76,13 +81,16 @@ def test_denoise_inverts_the_forward_process():
     x0, eps = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4)
     noise_rate, signal_rate = diffusion_schedule(torch.rand(3, 1, 1, 1))
     x_t = signal_rate * x0 + noise_rate * eps
-    eps_hat, x0_hat = denoise(lambda x, v: eps, x_t, noise_rate, signal_rate)
+    _, x0_hat = denoise(lambda x, v: eps, x_t, noise_rate, signal_rate)
     torch.testing.assert_close(x0_hat, x0, rtol=1e-4, atol=1e-4)
 
 
 def test_training_loss_is_l1_on_the_noise():
     x0 = torch.randn(5, 3, 4, 4)
-    zero = lambda x, v: torch.zeros_like(x)
+
+    def zero(x, v):
+        return torch.zeros_like(x)
+
     g = torch.Generator().manual_seed(0)
     loss = training_loss(zero, x0, generator=g)
     g = torch.Generator().manual_seed(0)
@@ -116,8 +124,8 @@ def test_ddim_eta1_step_is_the_ddpm_posterior():
         on_step=lambda t, x_t, x0_hat: seen.setdefault(t, x_t),
     )
     x_half = seen[0.5]
-    n1, s1 = diffusion_schedule(torch.tensor(1.0, dtype=torch.float64))
-    n2, s2 = diffusion_schedule(torch.tensor(0.5, dtype=torch.float64))
+    _, s1 = diffusion_schedule(torch.tensor(1.0, dtype=torch.float64))
+    _, s2 = diffusion_schedule(torch.tensor(0.5, dtype=torch.float64))
     abar1, abar2 = s1**2, s2**2
     alpha, beta = abar1 / abar2, 1 - abar1 / abar2
     mean = abar2.sqrt() * beta / (1 - abar1) * 0.7 + alpha.sqrt() * (1 - abar2) / (1 - abar1) * -0.3

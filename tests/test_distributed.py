@@ -49,7 +49,7 @@ def test_shards_are_disjoint_and_cover_each_global_batch():
     assert len(ranks[0]) == len(ranks[1]) == 4  # 50 = 3 full global batches of 16 + one of 2
     seen = torch.cat([torch.cat(r) for r in ranks])
     assert len(seen) == len(set(seen.tolist())) == 50  # disjoint, and together all of the epoch
-    for a, b, gb in zip(*ranks, order.split(16)):
+    for a, b, gb in zip(*ranks, order.split(16), strict=True):
         assert torch.equal(torch.cat([a, b]), gb)
     single = distributed.shard(order, 8, distributed.Context())
     assert [len(b) for b in single] == [8] * 6 + [2]  # alone: plain batches, the last one partial

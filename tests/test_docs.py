@@ -8,8 +8,8 @@ from PIL import Image
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "docs"))
-import make_drawing  # noqa: E402
-import make_progress  # noqa: E402
+import make_drawing
+import make_progress
 
 
 def test_drawing_is_the_committed_one():

@@ -1,9 +1,9 @@
 import pytest
 import torch
 from PIL import Image
+from test_checkpoint import original_layout, tiny_checkpoint
 
 import sd_inference
-from test_checkpoint import original_layout, tiny_checkpoint
 from lib.unet import build_unet, model_config
 
 
@@ -192,7 +192,7 @@ def test_out_without_a_suffix_is_a_png_and_says_so(tmp_path, capsys):
 
 
 def test_ctrl_c_is_one_line_and_status_130(capsys):
-    from lib import run_cli
+    from lib.cli import run_cli
 
     def body(args):
         raise KeyboardInterrupt

@@ -2,12 +2,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_checkpoint import tiny_checkpoint
 
 import sd_eval
 import sd_train
-from lib import UserError
+from lib.cli import UserError
 from lib.metrics import InceptionV3, fid, frechet_distance, kid
-from test_checkpoint import tiny_checkpoint
 
 
 def test_kid_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
@@ -91,7 +91,7 @@ def test_inception_offline_gives_one_line_naming_the_flag(monkeypatch, tmp_path)
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(UserError, match="--inception-weights"):
         InceptionV3()
-    with pytest.raises(UserError, match="--inception-weights .*no such file"):
+    with pytest.raises(UserError, match=r"--inception-weights .*no such file"):
         InceptionV3(tmp_path / "missing.pth")
 
 
@@ -223,7 +223,9 @@ def test_training_tracks_kid_and_keeps_the_best_by_it(tmp_path):
 def test_ieee_fp32_context_sets_and_restores_the_gpu_precision_flags():
     from lib.runtime import ieee_fp32
 
-    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
+    def flags():
+        return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
     before = flags()
     with ieee_fp32():
         assert flags() == (False, False)

@@ -3,15 +3,16 @@
 import pytest
 import torch
 from PIL import Image
+from test_checkpoint import tiny_checkpoint
+from test_diffusion import oracle_for
 
 import sd_inference
 from conftest import TINY
-from lib.data import load_image, to_model_space
+from lib.data import load_image
 from lib.diffusion import add_noise
+from lib.normalization import to_model_space
 from lib.sample import generate, initial_noise, interpolation_noise, sketch_to_image, slerp
 from lib.unet import build_unet
-from test_checkpoint import tiny_checkpoint
-from test_diffusion import oracle_for
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.2]
 
@@ -93,25 +94,11 @@ def test_cli_sketch_and_interpolation(tmp_path, capsys):
     tiny_checkpoint(tmp_path / "m.pt")
     Image.new("RGBA", (70, 50), (200, 50, 80, 255)).save(tmp_path / "drawing.png")
     ckpt = ["--checkpoint", str(tmp_path / "m.pt"), "--steps", "2", "--no-show"]
-    assert (
-        sd_inference.main(
-            ckpt
-            + [
-                "--init-image",
-                str(tmp_path / "drawing.png"),
-                "--strength",
-                "0.5",
-                "--out",
-                str(tmp_path / "sketch.png"),
-            ]
-        )
-        == 0
-    )
+    sketch = ["--init-image", str(tmp_path / "drawing.png"), "--strength", "0.5"]
+    assert sd_inference.main([*ckpt, *sketch, "--out", str(tmp_path / "sketch.png")]) == 0
     assert Image.open(tmp_path / "sketch.png").size[0] == 750  # drawing | noised | result
-    assert (
-        sd_inference.main(ckpt + ["--interpolate", "--num-images", "5", "--out", str(tmp_path / "strip.png")])
-        == 0
-    )
+    strip = ["--interpolate", "--num-images", "5", "--out", str(tmp_path / "strip.png")]
+    assert sd_inference.main([*ckpt, *strip]) == 0
     assert Image.open(tmp_path / "strip.png").size[0] == 1250  # five frames in a row
     (tmp_path / "bad.png").write_text("not an image")
     for extra, message in (

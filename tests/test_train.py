@@ -12,8 +12,9 @@ import torch
 
 import sd_train
 from conftest import ROOT, loss_curve, run_args
-from lib.checkpoint import lock_run_folder
-from lib.data import FLOWERS_MEAN, load_images
+from lib.data import load_images
+from lib.normalization import FLOWERS_MEAN
+from lib.run_folder import lock_run_folder
 from lib.runtime import pick_precision
 
 
@@ -324,14 +325,14 @@ def test_trains_on_a_folder_of_own_pictures(tmp_path, capsys):
     assert ckpt["norm"]["mean"][2] == pytest.approx(187.5 / 255, abs=1e-3)
     assert math.isfinite(ckpt["train"]["best_loss"])
     # the run's grids must not become training images of its next run
-    assert sd_train.main(argv[:-1] + [str(pictures / "run")]) == 2
+    assert sd_train.main([*argv[:-1], str(pictures / "run")]) == 2
     assert "inside --image-dir" in capsys.readouterr().err
     # pictures without variation in a channel cannot be normalized: one line, not NaN losses
     flat = tmp_path / "flat"
     flat.mkdir()
     for i in range(3):
         Image.new("RGB", (20, 20), (10 * i, 100, 200)).save(flat / f"{i}.png")
-    assert sd_train.main(argv[:5] + [str(flat)] + argv[6:-1] + [str(tmp_path / "run2")]) == 2
+    assert sd_train.main([*argv[:5], str(flat), *argv[6:-1], str(tmp_path / "run2")]) == 2
     assert "do not vary in colour channel G" in capsys.readouterr().err
 
 

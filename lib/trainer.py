@@ -1,0 +1,297 @@
+"""One training run in progress, as sd_train.py drives it epoch by epoch: the data, the LR
+schedule, the random streams and the progress counters that last.pt stores and --resume restores,
+and the work at each epoch's end (log, curves, sample grid, KID, checkpoints). `args` is
+sd_train.py's parsed flags."""
+
+import math
+import time
+import uuid
+
+import torch
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from lib import distributed
+from lib.checkpoint import make_checkpoint
+from lib.cli import UserError
+from lib.data import DecodedBatches, JpegBatches, epoch_order, load_images
+from lib.files import atomic_save
+from lib.metrics import KidProbe
+from lib.normalization import FLOWERS_MEAN, FLOWERS_STD, compute_stats, to_model_space
+from lib.run_folder import write_log
+from lib.sample import generate, initial_noise
+from lib.training import Training
+from lib.unet import count_parameters
+
+# A new run's progress counters, as last.pt stores them. images_done / epoch_steps: progress in the
+# current epoch, in images (so a run resumed with another process count knows where to continue)
+# and in global steps.
+NEW_RUN = dict(
+    epoch=0,
+    images_done=0,
+    epoch_steps=0,
+    epoch_loss_sum=0.0,
+    epoch_seconds=0.0,
+    global_step=0,
+    best_loss=math.inf,
+    best_kid=math.inf,
+    bad_epochs=0,
+)
+
+
+def quiet(*args, **kwargs):
+    """The log of ranks other than 0: one voice speaks for the run."""
+
+
+class TrainingRun:
+    """A run in progress: the step's objects (lib.training.Training: network, EMA, Adam), the
+    data, the LR schedule, the random streams and the progress counters (`state`)."""
+
+    def __init__(self, args, cfg, resumed, ctx, device, precision, out_dir):
+        self.args, self.cfg, self.ctx, self.device, self.out_dir = args, cfg, ctx, device, out_dir
+        self.log = print if ctx.is_main else quiet
+        self.training = Training(
+            cfg,
+            device,
+            precision,
+            args.lr,
+            literal=args.literal,
+            compile=args.compile,
+            distributed=ctx.active,
+            sync_bn=args.sync_bn and ctx.active,
+        )
+        kid_here = args.eval_every > 0 and ctx.is_main
+        images = self.load_data(resumed, keep_images=kid_here)
+        self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.training.opt,
+            mode="min",
+            factor=args.lr_factor,
+            patience=args.lr_patience,
+            min_lr=args.min_lr,
+        )
+        self.gen = torch.Generator(device).manual_seed(args.seed + ctx.rank)  # times, noise, flips: per rank
+        self.state = dict(NEW_RUN, log=[])
+        # Which run a checkpoint belongs to, so that resuming never writes over another run's files.
+        self.run_id = resumed["train"].get("run_id") if resumed else uuid.uuid4().hex
+        if resumed:
+            self.restore(resumed)
+        self.sample_noise = initial_noise(args.num_samples, cfg["image_size"], args.seed)
+        self.kid_probe = None
+        if kid_here:
+            self.log(f"KID probe: features of the {self.n_images} training images (efficientnet-lite0)")
+            self.kid_probe = KidProbe(
+                images,
+                self.mean,
+                self.std,
+                args.eval_samples,
+                args.eval_steps,
+                args.seed + 1,
+                precision,
+                device,
+                args.cache_dir,
+            )
+
+    def load_data(self, resumed, keep_images):
+        """Set the batch source and the normalization -> the decoded images (or None).
+
+        The fast path trains on the images decoded once; the literal path decodes every epoch and
+        needs them whole only for the statistics of --image-dir or the KID references."""
+        args, ctx, size = self.args, self.ctx, self.cfg["image_size"]
+        origin = f"--image-dir {args.image_dir}" if args.image_dir else f"Flowers102 from {args.data_root}"
+        self.log(f"loading images ({origin})")
+        source = dict(
+            data_root=args.data_root, image_dir=args.image_dir, download=args.download, limit=args.limit
+        )
+        images = None
+        if not args.literal or (args.image_dir and not resumed) or keep_images:
+            images = load_images(size, **source, num_workers=args.num_workers, cache_dir=args.cache_dir)
+        self.data = (
+            JpegBatches(size, self.device, args.num_workers, **source)
+            if args.literal
+            else DecodedBatches(images, self.device)
+        )
+        if resumed:
+            self.mean, self.std = resumed["norm"]["mean"], resumed["norm"]["std"]
+        elif args.image_dir:  # the user's pictures: their own statistics
+            self.mean, self.std = compute_stats(images)
+        else:
+            self.mean, self.std = FLOWERS_MEAN, FLOWERS_STD
+        self.n_images = len(self.data)
+        steps = len(distributed.shard(torch.arange(self.n_images), args.batch_size, ctx))
+        if steps == 0:
+            raise UserError(
+                f"{self.n_images} image(s) make no batch for {ctx.world_size} processes: "
+                "use more images or fewer processes"
+            )
+        self.log(
+            f"{self.n_images} images of {size} px, {count_parameters(self.training.model):,} parameters, "
+            f"{self.device} {self.training.precision}{' literal path' if args.literal else ''}, "
+            f"{ctx.world_size} process(es) x batch {args.batch_size}, {steps} steps per epoch"
+        )
+        return images
+
+    def restore(self, resumed):
+        """Put the run back where its checkpoint left it (weights, optimizer, schedule, RNG, progress)."""
+        t, run, sched, args, ctx = resumed["train"], self.training, self.sched, self.args, self.ctx
+        run.model.load_state_dict(t["model"])
+        run.ema.load_state_dict(resumed["ema"])
+        # Moments and step counts come back; how Adam runs (fused or not) is this run's choice: a
+        # run resumed with --literal switched on or off would otherwise keep the old one (and,
+        # fused under loss scaling, crash).
+        for saved, now in zip(t["optimizer"]["param_groups"], run.opt.param_groups, strict=True):
+            saved.update(fused=now["fused"], foreach=now["foreach"])
+        run.opt.load_state_dict(t["optimizer"])
+        sched.load_state_dict(t["scheduler"])
+        if t["scaler"] and run.scaler.is_enabled():  # empty when the run had no loss scaling
+            run.scaler.load_state_dict(t["scaler"])
+        if "lr" in resumed["explicit"]:  # an explicit --lr on resume restarts the schedule there
+            for group in run.opt.param_groups:
+                group["lr"] = args.lr
+        # The schedule's own settings come from the flags (the saved ones unless overridden now).
+        sched.factor, sched.patience = args.lr_factor, args.lr_patience
+        sched.min_lrs = [args.min_lr] * len(sched.min_lrs)
+        torch.set_rng_state(t["rng"]["torch"])
+        gen_states = t["rng"]["device"]  # one per rank of the run that wrote it
+        if len(gen_states) == ctx.world_size and gen_states[ctx.rank].shape == self.gen.get_state().shape:
+            self.gen.set_state(gen_states[ctx.rank])
+        else:  # another process count or device type (CPU and CUDA generator states differ):
+            self.gen.manual_seed(args.seed + ctx.rank + 1_000_003 * t["global_step"])  # fresh streams
+        self.state.update({k: t[k] for k in self.state})
+        epoch, done = self.state["epoch"] + 1, self.state["images_done"]
+        self.log(f"resumed {args.resume}: epoch {epoch}, {done} images into it")
+
+    def save(self, name):
+        """Write out_dir/name. Collective (every rank's RNG state is gathered); rank 0 writes."""
+        ctx, run = self.ctx, self.training
+        gen_states = [self.gen.get_state()]
+        if ctx.active:
+            gen_states = [None] * ctx.world_size
+            torch.distributed.all_gather_object(gen_states, self.gen.get_state().cpu())
+        if not ctx.is_main:
+            return
+        train_state = dict(
+            self.state,
+            run_id=self.run_id,
+            args=vars(self.args),
+            model=run.model.state_dict(),
+            optimizer=run.opt.state_dict(),
+            scheduler=self.sched.state_dict(),
+            scaler=run.scaler.state_dict(),
+            world_size=ctx.world_size,
+            rng={"torch": torch.get_rng_state(), "device": gen_states},
+        )
+        ckpt = make_checkpoint(self.cfg, self.mean, self.std, run.ema.state_dict(), train_state)
+        atomic_save(ckpt, self.out_dir / name)
+
+    def train_epoch(self, stop):
+        """The rest of the current epoch, until its end or a stop request -> True if it reached the end."""
+        args, ctx, state = self.args, self.ctx, self.state
+        order = epoch_order(self.n_images, state["epoch"], args.seed)[state["images_done"] :]
+        batches = distributed.shard(order, args.batch_size, ctx)  # this rank's
+        global_sizes = [len(gb) for gb in order.split(args.batch_size * ctx.world_size)]
+        self.training.model.train()
+        # This rank's, this session. fp64 adds fp32 losses exactly, so a run stopped and resumed
+        # mid-epoch (two partial sums) reports the very loss of an uninterrupted one (with one
+        # process; the division by the process count below can round each part differently).
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        first = state["epoch_steps"]
+        bar = tqdm(
+            self.data.batches(batches),
+            initial=first,
+            total=first + len(batches),
+            leave=False,
+            disable=not ctx.is_main,
+            desc=f"epoch {state['epoch'] + 1}/{args.epochs}",
+            dynamic_ncols=True,
+        )
+        # Under torchrun, asking every rank costs a device sync; every 10 steps keeps the queue full.
+        check_every = 10 if ctx.active else 1
+        t0, steps_done = time.perf_counter(), 0
+        for i, images in enumerate(bar):
+            x0 = to_model_space(images, self.mean, self.std, self.gen if args.flip else None)
+            # Like AveragedModel, the first update copies the weights; later ones average.
+            loss_sum += self.training.step(x0, self.gen, args.ema_decay if state["global_step"] else 0.0)
+            state["global_step"] += 1
+            state["epoch_steps"] += 1
+            state["images_done"] += global_sizes[i]
+            steps_done += 1
+            if i % 10 == 0:
+                bar.set_postfix(
+                    loss=f"{(state['epoch_loss_sum'] + loss_sum.item()) / state['epoch_steps']:.4f}"
+                )
+            if (i + 1) % check_every == 0 and distributed.any_rank(stop.requested, ctx, self.device):
+                break
+        state["epoch_seconds"] += time.perf_counter() - t0
+        # Every rank adds the same mean: the ranks' losses averaged, so all take the same decisions.
+        state["epoch_loss_sum"] += distributed.all_sum(loss_sum.item(), ctx, self.device) / ctx.world_size
+        bar.close()
+        return steps_done == len(batches)
+
+    def early_stopped(self):
+        return self.state["bad_epochs"] >= self.args.early_stop
+
+    def end_epoch(self, interrupted):
+        """After an epoch's last step: the LR schedule and early-stop count follow the epoch's loss
+        (as the original), then a KID, the log, a sample grid, last.pt, and best.pt if --best-by
+        improved. A stop request skips the KID and the grid: last.pt first, before a scheduler's
+        grace period ends."""
+        args, state, epoch = self.args, self.state, self.state["epoch"] + 1
+        loss = state["epoch_loss_sum"] / state["epoch_steps"]
+        if not math.isfinite(loss):  # the same on every rank (all-reduced): all stop together
+            raise UserError(
+                f"the loss became {loss} in epoch {epoch}: training diverged. last.pt keeps the "
+                "state of the epoch before (nothing saved of this one); try a lower --lr"
+            )
+        lr = self.training.opt.param_groups[0]["lr"]  # this epoch's; the schedule may lower it now
+        self.sched.step(loss)
+        loss_improved = loss < state["best_loss"]
+        state["best_loss"] = min(loss, state["best_loss"])
+        state["bad_epochs"] = 0 if loss_improved else state["bad_epochs"] + 1
+        final = epoch == args.epochs or self.early_stopped()
+        kid = None  # rank 0 only: the other ranks do not need it for any decision
+        if self.kid_probe is not None and not interrupted and (epoch % args.eval_every == 0 or final):
+            kid = self.kid_probe(self.training.ema)
+        kid_improved = kid is not None and kid < state["best_kid"]
+        state["best_kid"] = kid if kid_improved else state["best_kid"]
+        improved = kid_improved if args.best_by == "kid" else loss_improved
+        improved = distributed.any_rank(improved and self.ctx.is_main, self.ctx, self.device)  # KID: rank 0's
+        self.record(epoch, loss, lr, kid, improved)
+        if self.ctx.is_main and not interrupted and (epoch == 1 or epoch % args.sample_every == 0 or final):
+            self.sample_grid(epoch)
+        self.save("last.pt")
+        if improved:
+            self.save("best.pt")
+
+    def record(self, epoch, loss, lr, kid, improved):
+        """Close the epoch in the state, print its line, rewrite the CSV log and the curves."""
+        state, seconds = self.state, self.state["epoch_seconds"]
+        row = dict(
+            epoch=epoch,
+            loss=round(loss, 6),
+            lr=lr,
+            seconds=round(seconds, 2),
+            images_per_s=round(self.n_images / seconds, 2),
+            kid=None if kid is None else round(kid, 6),
+        )
+        state["log"].append(row)
+        state.update(epoch=epoch, images_done=0, epoch_steps=0, epoch_loss_sum=0.0, epoch_seconds=0.0)
+        self.log(
+            f"epoch {epoch}/{self.args.epochs}  loss {loss:.4f}  lr {lr:.2e}  {seconds:.1f}s  "
+            f"{self.n_images / seconds:.1f} img/s{'' if kid is None else f'  KID {kid:.4f}'}"
+            f"{'  *best*' if improved else ''}"
+        )
+        if self.ctx.is_main:
+            write_log(self.out_dir, state["log"], self.args.eval_steps)
+
+    def sample_grid(self, epoch):
+        """epoch_N.png: the EMA network's samples from the same noise every time."""
+        grid = generate(
+            self.training.ema,
+            self.sample_noise,
+            self.mean,
+            self.std,
+            steps=self.args.sample_steps,
+            seed=self.args.seed,
+            precision=self.training.precision,
+        )
+        save_image(grid, self.out_dir / f"epoch_{epoch}.png", nrow=4)
