@@ -30,7 +30,7 @@ from lib.cli import HelpFormatter, UserError, check_at_least, run_cli
 from lib.data import DecodedBatches, JpegBatches, epoch_order, load_images
 from lib.diffusion import ddim_sample, training_loss
 from lib.normalization import FLOWERS_MEAN, FLOWERS_STD, to_model_space
-from lib.runtime import add_device_args, literal_precision, setup
+from lib.runtime import add_device_args, literal_precision, setup, tune_for_training
 from lib.sample import generate, initial_noise
 from lib.training import Training
 from lib.unet import PRESETS, model_config
@@ -62,17 +62,18 @@ class PeakMemory:
     """Working memory of the block: its peak above what was held at the start (models, optimizer
     states and data of both paths stay alive between phases). CUDA: the allocator's peak minus
     its allocation at the start. CPU: the process's RSS (sampled every 2 ms), after freed heap
-    memory was handed back to the OS."""
+    memory was handed back to the OS; Linux only (/proc). Elsewhere `peak` is None."""
 
     def __init__(self, device):
         self.device = device
+        self.start = self.peak = None
 
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
-        else:
+        elif self.device.type == "cpu" and Path("/proc/self/statm").is_file():
             gc.collect()
             if LIBC is not None:
                 LIBC.malloc_trim(0)
@@ -88,6 +89,8 @@ class PeakMemory:
             time.sleep(0.002)
 
     def __exit__(self, *exc):
+        if self.start is None:
+            return
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated()
@@ -110,6 +113,12 @@ def rss():
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def megabytes(n_bytes):
+    return "-" if n_bytes is None else f"{n_bytes / 2**20:.0f}"
 
 
 def time_training(run, data, n_images, batch, steps, warmup, epoch, device):
@@ -247,8 +256,8 @@ def bench_preset(preset, args, device, precision):
                 precision=literal_precision(device) if name == "literal" else precision,
                 train=train_ips,
                 sample=max(res["sample"]),
-                train_mem=res["train_mem"] / 2**20,
-                sample_mem=res["sample_mem"] / 2**20,
+                train_mem=megabytes(res["train_mem"]),
+                sample_mem=megabytes(res["sample_mem"]),
                 tflops=tflops,
                 mfu=f"{100 * tflops * 1e12 / peak:.1f}%" if peak else "-",
             )
@@ -294,6 +303,7 @@ def main(argv=None):
 def run(args):
     check_at_least(args, batch=1, steps=1, sample_images=1, rounds=1, warmup=0, num_workers=0)
     device, precision = setup(args.device, args.precision)
+    tune_for_training(device)
     print(f"machine: {machine(device)}", file=sys.stderr)
     rows = [row for preset in args.presets for row in bench_preset(preset, args, device, precision)]
     mem = "working GPU memory MB" if device.type == "cuda" else "working memory MB"
@@ -309,7 +319,7 @@ def run(args):
             f"| {row['preset']} | {row['batch']} | {row['path']} | {row['precision']} | {row['train']:.1f} | "
             f"{row['train'] / base['train']:.2f} | {row['sample']:.1f} | "
             f"{row['sample'] / base['sample']:.2f} | "
-            f"{row['train_mem']:.0f} / {row['sample_mem']:.0f} | {row['tflops']:.2f} | {row['mfu']} |"
+            f"{row['train_mem']} / {row['sample_mem']} | {row['tflops']:.2f} | {row['mfu']} |"
         )
 
 

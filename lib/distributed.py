@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from lib.runtime import pick_device
+from lib.cli import UserError
+from lib.runtime import pick_device, sum_dtype
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,13 @@ def init(device_name):
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return ALONE
     rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    use_cuda = pick_device(device_name).type == "cuda"  # --device cuda without a GPU: a UserError
+    device_type = pick_device(device_name).type  # --device cuda without a GPU: a UserError
+    if device_type == "mps":
+        raise UserError(
+            "torchrun starts several processes, and an Apple GPU trains one: run sd_train.py without "
+            "torchrun, or pass --device cpu"
+        )
+    use_cuda = device_type == "cuda"
     if use_cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if use_cuda else "gloo")
@@ -55,7 +62,7 @@ def all_sum(value, ctx, device):
     """A float summed over all ranks (itself when alone)."""
     if not ctx.active:
         return value
-    t = torch.tensor(float(value), dtype=torch.float64, device=device)
+    t = torch.tensor(float(value), dtype=sum_dtype(device), device=device)
     dist.all_reduce(t)
     return t.item()
 

@@ -117,12 +117,13 @@ def build_extractor(name, inception_weights=None):
 
 @torch.inference_mode()
 def extract_features(extractor, images, batch_size=16, device="cpu"):
-    """uint8 (N, 3, H, W) -> float64 (N, D) features, in fp32 (metrics must not depend on the
-    hardware's bf16 support). Small batches: at 224 px, batches of 100 make activations of
-    hundreds of MB that the allocator maps and page-faults in anew each time (far slower on a CPU)."""
+    """uint8 (N, 3, H, W) -> float64 (N, D) features on the CPU (Apple GPUs have no fp64),
+    computed in fp32 (metrics must not depend on the hardware's bf16 support). Small batches: at
+    224 px, batches of 100 make activations of hundreds of MB that the allocator maps and
+    page-faults in anew each time (far slower on a CPU)."""
     extractor = extractor.to(device)
     with ieee_fp32():
-        out = [extractor(chunk.to(device)).double().cpu() for chunk in images.split(batch_size)]
+        out = [extractor(chunk.to(device)).cpu().double() for chunk in images.split(batch_size)]
     return torch.cat(out)
 
 
