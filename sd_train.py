@@ -10,6 +10,7 @@ and exit (status 130 / 143: stopped, not finished); --resume continues exactly w
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -19,11 +20,12 @@ from lib import distributed
 from lib.checkpoint import read_checkpoint
 from lib.cli import HelpFormatter, StopRequest, UserError, check_at_least, run_cli
 from lib.run_folder import check_out_dir, lock_run_folder
-from lib.runtime import add_device_args, literal_precision, setup
+from lib.runtime import add_device_args, literal_precision, setup, tune_for_training
 from lib.trainer import TrainingRun
 from lib.unet import PRESETS, build_unet, count_parameters, model_config
 
 ONE_SHOT = ("resume", "overwrite", "dry_run")  # flags that --resume does not take from the saved run
+PATHS = ("out_dir", "data_root", "image_dir", "cache_dir")  # saved absolute: a resume may run elsewhere
 
 
 def get_parser():
@@ -134,7 +136,7 @@ def resolve_args(argv):
     parser = get_parser()
     args = parser.parse_args(argv)
     if not args.resume:
-        return args, None
+        return absolute_paths(args), None
     ckpt = read_checkpoint(args.resume)
     if "train" not in ckpt:
         raise UserError(
@@ -156,13 +158,24 @@ def resolve_args(argv):
     # Settings of the run carry over; one-shot instructions (which file to resume, permission to
     # overwrite, a dry run) apply to the command that gave them only.
     merged = {**vars(args), **{k: v for k, v in saved.items() if k not in ONE_SHOT}, **explicit}
+    if "out_dir" not in explicit:  # a resumed run writes beside its checkpoint, run from wherever
+        merged["out_dir"] = str(Path(args.resume).parent)
     if ckpt["train"]["bad_epochs"] >= merged["early_stop"]:
         raise UserError(
             f"{args.resume} stopped early (no new best loss for {ckpt['train']['bad_epochs']} epochs): "
             "pass a larger --early-stop to train on"
         )
     ckpt["explicit"] = set(explicit)  # the flags typed now (an explicit --lr resets the LR on restore)
-    return argparse.Namespace(**merged), ckpt
+    return absolute_paths(argparse.Namespace(**merged)), ckpt
+
+
+def absolute_paths(args):
+    """The folder flags as absolute paths (~ expanded), which is how the checkpoint keeps them.
+    Paths that older checkpoints saved relative are read from the current folder, as before."""
+    for key in PATHS:
+        if getattr(args, key):
+            setattr(args, key, os.path.abspath(os.path.expanduser(getattr(args, key))))
+    return args
 
 
 def check_args(args, ctx, device):
@@ -196,6 +209,7 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
     if args.dry_run:
         return dry_run(args, cfg, device, precision, ctx)
     check_args(args, ctx, device)
+    tune_for_training(device)
     # Rank 0 writes: it holds the folder's lock, taken now if the folder exists (before its files
     # are checked and the data loads), else once it is made. Released when train() returns.
     lock = lock_run_folder(args.out_dir) if ctx.is_main and Path(args.out_dir).is_dir() else None
@@ -209,6 +223,7 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
     while run.state["epoch"] < args.epochs:
         epoch = run.state["epoch"] + 1  # 1-based for people
         reached_end = run.train_epoch(stop)
+        run.check_diverged(reached_end)  # before anything of the epoch is saved
         interrupted = distributed.any_rank(stop.requested, ctx, device)
         if interrupted and not reached_end:
             run.save("last.pt")

@@ -3,6 +3,7 @@ schedule, the random streams and the progress counters that last.pt stores and -
 and the work at each epoch's end (log, curves, sample grid, KID, checkpoints). `args` is
 sd_train.py's parsed flags."""
 
+import contextlib
 import math
 import time
 import uuid
@@ -19,17 +20,23 @@ from lib.files import atomic_save
 from lib.metrics import KidProbe
 from lib.normalization import FLOWERS_MEAN, FLOWERS_STD, compute_stats, to_model_space
 from lib.run_folder import write_log
+from lib.runtime import sum_dtype
 from lib.sample import generate, initial_noise
 from lib.training import Training
 from lib.unet import count_parameters
 
+# With fp16 loss scaling, a step whose loss overflowed is skipped (the scaler lowers the scale and
+# the weights stay as they were); this many skipped in a row means training diverged.
+SKIPPED_IN_A_ROW = 20
+
 # A new run's progress counters, as last.pt stores them. images_done / epoch_steps: progress in the
 # current epoch, in images (so a run resumed with another process count knows where to continue)
-# and in global steps.
+# and in global steps; epoch_finite: how many of those steps had a finite loss (the ranks' mean).
 NEW_RUN = dict(
     epoch=0,
     images_done=0,
     epoch_steps=0,
+    epoch_finite=0.0,
     epoch_loss_sum=0.0,
     epoch_seconds=0.0,
     global_step=0,
@@ -37,6 +44,16 @@ NEW_RUN = dict(
     best_kid=math.inf,
     bad_epochs=0,
 )
+
+
+def add_loss(acc, loss):
+    """acc: [sum of the finite losses, their count, the current run of non-finite ones, the
+    longest run] on the loss's device, updated without waiting for the device."""
+    finite = torch.isfinite(loss)
+    acc[0] += torch.where(finite, loss, 0.0)
+    acc[1] += finite
+    acc[2] = (acc[2] + 1) * ~finite
+    acc[3] = torch.maximum(acc[3], acc[2])
 
 
 def quiet(*args, **kwargs):
@@ -118,6 +135,8 @@ class TrainingRun:
             self.mean, self.std = FLOWERS_MEAN, FLOWERS_STD
         self.n_images = len(self.data)
         steps = len(distributed.shard(torch.arange(self.n_images), args.batch_size, ctx))
+        if args.eval_every > 0 and self.n_images < 2:
+            raise UserError("--eval-every needs at least 2 training images (KID compares two sets)")
         if steps == 0:
             raise UserError(
                 f"{self.n_images} image(s) make no batch for {ctx.world_size} processes: "
@@ -156,9 +175,11 @@ class TrainingRun:
             self.gen.set_state(gen_states[ctx.rank])
         else:  # another process count or device type (CPU and CUDA generator states differ):
             self.gen.manual_seed(args.seed + ctx.rank + 1_000_003 * t["global_step"])  # fresh streams
-        self.state.update({k: t[k] for k in self.state})
+        self.state.update({k: t[k] for k in self.state if k in t})
+        if "epoch_finite" not in t:  # written before skipped steps were counted: none was skipped
+            self.state["epoch_finite"] = float(t["epoch_steps"])
         epoch, done = self.state["epoch"] + 1, self.state["images_done"]
-        self.log(f"resumed {args.resume}: epoch {epoch}, {done} images into it")
+        self.log(f"resumed {args.resume}: epoch {epoch}, {done} images into it; writing to {self.out_dir}")
 
     def save(self, name):
         """Write out_dir/name. Collective (every rank's RNG state is gathered); rank 0 writes."""
@@ -190,10 +211,10 @@ class TrainingRun:
         batches = distributed.shard(order, args.batch_size, ctx)  # this rank's
         global_sizes = [len(gb) for gb in order.split(args.batch_size * ctx.world_size)]
         self.training.model.train()
-        # This rank's, this session. fp64 adds fp32 losses exactly, so a run stopped and resumed
-        # mid-epoch (two partial sums) reports the very loss of an uninterrupted one (with one
-        # process; the division by the process count below can round each part differently).
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        # This rank's, this session (add_loss). fp64 adds fp32 losses exactly, so a run stopped and
+        # resumed mid-epoch (two partial sums) reports the very loss of an uninterrupted one (with
+        # one process; the division by the process count below can round each part differently).
+        acc = torch.zeros(4, dtype=sum_dtype(self.device), device=self.device)
         first = state["epoch_steps"]
         bar = tqdm(
             self.data.batches(batches),
@@ -210,60 +231,84 @@ class TrainingRun:
         for i, images in enumerate(bar):
             x0 = to_model_space(images, self.mean, self.std, self.gen if args.flip else None)
             # Like AveragedModel, the first update copies the weights; later ones average.
-            loss_sum += self.training.step(x0, self.gen, args.ema_decay if state["global_step"] else 0.0)
+            add_loss(acc, self.training.step(x0, self.gen, args.ema_decay if state["global_step"] else 0.0))
             state["global_step"] += 1
             state["epoch_steps"] += 1
             state["images_done"] += global_sizes[i]
             steps_done += 1
             if i % 10 == 0:
+                total, count = acc[:2].tolist()
                 bar.set_postfix(
-                    loss=f"{(state['epoch_loss_sum'] + loss_sum.item()) / state['epoch_steps']:.4f}"
+                    loss=f"{(state['epoch_loss_sum'] + total) / max(1, state['epoch_finite'] + count):.4f}"
                 )
             if (i + 1) % check_every == 0 and distributed.any_rank(stop.requested, ctx, self.device):
                 break
         state["epoch_seconds"] += time.perf_counter() - t0
-        # Every rank adds the same mean: the ranks' losses averaged, so all take the same decisions.
-        state["epoch_loss_sum"] += distributed.all_sum(loss_sum.item(), ctx, self.device) / ctx.world_size
+        # Every rank adds the same means over the ranks, so all take the same decisions.
+        total, count, _, longest_skip_run = acc.tolist()
+        state["epoch_loss_sum"] += distributed.all_sum(total, ctx, self.device) / ctx.world_size
+        state["epoch_finite"] += distributed.all_sum(count, ctx, self.device) / ctx.world_size
+        self.skipping = distributed.any_rank(longest_skip_run >= SKIPPED_IN_A_ROW, ctx, self.device)
         bar.close()
         return steps_done == len(batches)
+
+    def check_diverged(self, reached_end):
+        """A one-line error, before anything of the epoch is saved, if training diverged: a
+        non-finite loss without loss scaling (its step was taken, so the weights are gone), or
+        with fp16 loss scaling (which skips such steps) SKIPPED_IN_A_ROW skipped steps in a row,
+        or an epoch without one finite loss."""
+        state, epoch = self.state, self.state["epoch"] + 1
+        skipped = round(state["epoch_steps"] - state["epoch_finite"])
+        scaled = self.training.scaler.is_enabled()
+        none_finite = reached_end and state["epoch_finite"] == 0
+        if (skipped and not scaled) or (scaled and (self.skipping or none_finite)):
+            hint = "a lower --lr" + (", or --precision bf16 or fp32" if scaled else "")
+            raise UserError(
+                f"training diverged in epoch {epoch}: {skipped} of its {state['epoch_steps']} steps had a "
+                f"non-finite loss. Nothing of this epoch was saved (last.pt holds the state saved before); "
+                f"try {hint}"
+            )
 
     def early_stopped(self):
         return self.state["bad_epochs"] >= self.args.early_stop
 
     def end_epoch(self, interrupted):
         """After an epoch's last step: the LR schedule and early-stop count follow the epoch's loss
-        (as the original), then a KID, the log, a sample grid, last.pt, and best.pt if --best-by
-        improved. A stop request skips the KID and the grid: last.pt first, before a scheduler's
-        grace period ends."""
+        (as the original); last.pt is written before the KID and the sample grid, whose failure
+        (out of memory, say) then loses nothing; then best.pt if --best-by improved. A stop
+        request skips the KID and the grid."""
         args, state, epoch = self.args, self.state, self.state["epoch"] + 1
-        loss = state["epoch_loss_sum"] / state["epoch_steps"]
-        if not math.isfinite(loss):  # the same on every rank (all-reduced): all stop together
-            raise UserError(
-                f"the loss became {loss} in epoch {epoch}: training diverged. last.pt keeps the "
-                "state of the epoch before (nothing saved of this one); try a lower --lr"
-            )
+        loss = state["epoch_loss_sum"] / state["epoch_finite"]  # the same on every rank
+        skipped = round(state["epoch_steps"] - state["epoch_finite"])
         lr = self.training.opt.param_groups[0]["lr"]  # this epoch's; the schedule may lower it now
         self.sched.step(loss)
         loss_improved = loss < state["best_loss"]
         state["best_loss"] = min(loss, state["best_loss"])
         state["bad_epochs"] = 0 if loss_improved else state["bad_epochs"] + 1
         final = epoch == args.epochs or self.early_stopped()
-        kid = None  # rank 0 only: the other ranks do not need it for any decision
-        if self.kid_probe is not None and not interrupted and (epoch % args.eval_every == 0 or final):
-            kid = self.kid_probe(self.training.ema)
+        row = self.close_epoch(epoch, loss, lr)
+        self.save("last.pt")
+        kid_due = args.eval_every > 0 and not interrupted and (epoch % args.eval_every == 0 or final)
+        kid = None  # rank 0 measures it; the other ranks do not need it for any decision
+        if kid_due and self.kid_probe is not None:
+            with self.after_save("the KID probe", epoch):
+                kid = self.kid_probe(self.training.ema)
+            row["kid"] = round(kid, 6)
         kid_improved = kid is not None and kid < state["best_kid"]
         state["best_kid"] = kid if kid_improved else state["best_kid"]
         improved = kid_improved if args.best_by == "kid" else loss_improved
         improved = distributed.any_rank(improved and self.ctx.is_main, self.ctx, self.device)  # KID: rank 0's
-        self.record(epoch, loss, lr, kid, improved)
-        if self.ctx.is_main and not interrupted and (epoch == 1 or epoch % args.sample_every == 0 or final):
-            self.sample_grid(epoch)
-        self.save("last.pt")
+        self.report(row, skipped, improved)
+        if kid_due:  # last.pt again, now with the KID in its log
+            self.save("last.pt")
         if improved:
             self.save("best.pt")
+        if self.ctx.is_main and not interrupted and (epoch == 1 or epoch % args.sample_every == 0 or final):
+            with self.after_save("the sample grid", epoch):
+                self.sample_grid(epoch)
 
-    def record(self, epoch, loss, lr, kid, improved):
-        """Close the epoch in the state, print its line, rewrite the CSV log and the curves."""
+    def close_epoch(self, epoch, loss, lr):
+        """The epoch's row in the log, and the counters reset for the next epoch -> the row."""
         state, seconds = self.state, self.state["epoch_seconds"]
         row = dict(
             epoch=epoch,
@@ -271,17 +316,37 @@ class TrainingRun:
             lr=lr,
             seconds=round(seconds, 2),
             images_per_s=round(self.n_images / seconds, 2),
-            kid=None if kid is None else round(kid, 6),
+            kid=None,
         )
         state["log"].append(row)
-        state.update(epoch=epoch, images_done=0, epoch_steps=0, epoch_loss_sum=0.0, epoch_seconds=0.0)
+        state.update(epoch=epoch, images_done=0, epoch_steps=0, epoch_finite=0.0, epoch_loss_sum=0.0)
+        state.update(epoch_seconds=0.0)
+        return row
+
+    def report(self, row, skipped, improved):
+        """The epoch's line; the CSV log and the curves rewritten."""
+        kid, seconds = row["kid"], row["seconds"]
+        notes = "" if kid is None else f"  KID {kid:.4f}"
+        notes += f"  {skipped} steps skipped (fp16 overflow)" if skipped else ""
+        notes += "  *best*" if improved else ""
         self.log(
-            f"epoch {epoch}/{self.args.epochs}  loss {loss:.4f}  lr {lr:.2e}  {seconds:.1f}s  "
-            f"{self.n_images / seconds:.1f} img/s{'' if kid is None else f'  KID {kid:.4f}'}"
-            f"{'  *best*' if improved else ''}"
+            f"epoch {row['epoch']}/{self.args.epochs}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+            f"{seconds:.1f}s  {row['images_per_s']:.1f} img/s{notes}"
         )
         if self.ctx.is_main:
-            write_log(self.out_dir, state["log"], self.args.eval_steps)
+            write_log(self.out_dir, self.state["log"], self.args.eval_steps)
+
+    @contextlib.contextmanager
+    def after_save(self, what, epoch):
+        """Work after last.pt was written: a failure becomes one line that says the epoch is safe."""
+        try:
+            yield
+        except (RuntimeError, ValueError) as e:
+            raise UserError(
+                f"{what} failed after epoch {epoch} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                f"last.pt holds the epoch: --resume {self.out_dir / 'last.pt'} with a smaller "
+                "--eval-samples or --num-samples, or --eval-every 0"
+            ) from None
 
     def sample_grid(self, epoch):
         """epoch_N.png: the EMA network's samples from the same noise every time."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import sd_train
-from conftest import ROOT, loss_curve, run_args
+from conftest import ROOT, StopAfter, loss_curve, run_args
 from lib.data import load_images
 from lib.normalization import FLOWERS_MEAN
 from lib.run_folder import lock_run_folder
@@ -86,21 +86,6 @@ def test_resume_equals_an_uninterrupted_run(data_root, tmp_path):
     assert_same_state(tmp_path / "straight" / "last.pt", tmp_path / "split" / "last.pt")
 
 
-class StopAfter:
-    """Stands in for Ctrl-C: `requested` turns true at the n-th time the loop asks."""
-
-    def __init__(self, n):
-        self.n, self.asked = n, 0
-
-    def arm(self):
-        pass
-
-    @property
-    def requested(self):
-        self.asked += 1
-        return self.asked >= self.n
-
-
 def test_stop_mid_epoch_then_resume_equals_an_uninterrupted_run(data_root, tmp_path):
     assert sd_train.main(run_args(data_root, tmp_path / "straight", "--epochs", "2")) == 0
     args, _ = sd_train.resolve_args(run_args(data_root, tmp_path / "split", "--epochs", "2"))
@@ -151,7 +136,7 @@ def test_resume_guards_and_overrides(data_root, tmp_path, capsys):
     sched = torch.load(run / "last.pt", weights_only=True)["train"]["scheduler"]
     assert (sched["patience"], sched["factor"]) == (3, 0.25)
     # the older state resumed into the folder would replace the newer last.pt: refused
-    assert sd_train.main(["--resume", str(old), "--epochs", "2"]) == 2
+    assert sd_train.main(["--resume", str(old), "--epochs", "2", "--out-dir", str(run)]) == 2
     assert "further along" in capsys.readouterr().err
     # so would a run resumed into another run's folder, however far along either is
     assert sd_train.main(run_args(data_root, tmp_path / "other", "--epochs", "1", "--seed", "7")) == 0
@@ -166,7 +151,7 @@ def test_resume_guards_and_overrides(data_root, tmp_path, capsys):
     ckpt = torch.load(old, weights_only=True)
     ckpt["train"]["rng"]["device"] = [torch.zeros(16, dtype=torch.uint8)]  # the size of a CUDA state
     torch.save(ckpt, old)
-    assert sd_train.main(["--resume", str(old), "--epochs", "2", "--overwrite"]) == 0
+    assert sd_train.main(["--resume", str(old), "--epochs", "2", "--overwrite", "--out-dir", str(run)]) == 0
     assert torch.load(run / "last.pt", weights_only=True)["train"]["epoch"] == 2
     # one-shot flags apply to their own command: that last.pt was written under --overwrite, and
     # resuming it must not overwrite anything unasked; switches turn off with --no-*
