@@ -72,6 +72,8 @@ def ddim_sample(model, noise, steps=20, eta=0.0, generator=None, t_start=1.0, on
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0.0 <= eta <= 1.0:  # past 1, sigma exceeds n' and its square root turns NaN
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
     b = noise.shape[0]
     step_size = t_start / steps
     x_t = noise

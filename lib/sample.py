@@ -39,12 +39,17 @@ def generate(
 
 
 def slerp(z0, z1, alpha):
-    """Spherical interpolation between two noise tensors (per image): Gaussian noise lives near a
-    sphere, and a straight line between two points would cut inside it (too little noise)."""
+    """Spherical interpolation between two noise tensors (per image; Shoemake 1985): Gaussian
+    noise lives near a sphere, and a straight line between two points would cut inside it (too
+    little noise). Where the two are (nearly) parallel or opposite, sin(theta) ~ 0 and the arc is
+    ill-defined: the straight blend is used there (the same path for parallel ones)."""
     a, b = z0.flatten(1), z1.flatten(1)
-    theta = torch.acos((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).clamp_min(1e-7)[:, None]
-    out = (torch.sin((1 - alpha) * theta) * a + torch.sin(alpha * theta) * b) / torch.sin(theta)
-    return out.view_as(z0)
+    cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)
+    theta = torch.acos(cos.clamp(-1.0, 1.0))[:, None]
+    sin = torch.sin(theta)
+    arc = (torch.sin((1 - alpha) * theta) * a + torch.sin(alpha * theta) * b) / sin.clamp_min(1e-6)
+    straight = (1 - alpha) * a + alpha * b
+    return torch.where(sin > 1e-6, arc, straight).view_as(z0)
 
 
 def interpolation_noise(image_size, seed, frames):

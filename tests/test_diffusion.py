@@ -109,6 +109,13 @@ def test_steps_must_be_positive():
         ddim_sample(lambda x, v: x, torch.zeros(1, 3, 4, 4), steps=0)
 
 
+@pytest.mark.parametrize("eta", [1.5, -0.1])
+def test_eta_outside_0_1_is_refused_not_nan(eta):
+    """Past eta = 1, sigma exceeds the next noise rate and sqrt(n'^2 - sigma^2) would be NaN."""
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+        ddim_sample(lambda x, v: 0.5 * x, torch.zeros(1, 3, 4, 4), steps=4, eta=eta)
+
+
 def test_ddim_eta1_step_is_the_ddpm_posterior():
     """With eta=1 and a perfect predictor, x_{t'} | x_t is the DDPM posterior q(x_{t'} | x_t, x0)
     (Ho et al. 2020, eq. 6-7): check its mean and standard deviation over many draws."""

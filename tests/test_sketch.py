@@ -137,3 +137,21 @@ def test_fresh_noise_of_eta_is_not_the_starting_noise():
     assert inside.float().mean() > 0.99
     assert abs(z[inside].std().item() - 1) < 0.1  # it is the fresh standard noise
     assert torch.corrcoef(torch.stack([z[inside], initial_noise(4, 16, 7)[inside]]))[0, 1].abs() < 0.1
+
+
+def test_generate_refuses_eta_above_one():
+    with pytest.raises(ValueError, match="eta must be in"):
+        generate(tiny_model(), initial_noise(1, 32, 0), MEAN, STD, steps=2, eta=1.5)
+
+
+def test_slerp_ends_keeps_the_norm_and_survives_parallel_and_opposite_noises():
+    z0, z1 = initial_noise(1, 8, 0), initial_noise(1, 8, 1)
+    torch.testing.assert_close(slerp(z0, z1, 0.0), z0)
+    torch.testing.assert_close(slerp(z0, z1, 1.0), z1)
+    a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])  # a right angle: on the circle
+    torch.testing.assert_close(slerp(a, b, 0.5), torch.tensor([[0.5**0.5, 0.5**0.5]]))
+    for other in (z0, -z0, 2 * z0):  # the same noise, the opposite, a parallel one: sin(theta) = 0
+        for alpha in (0.0, 0.3, 1.0):
+            out = slerp(z0, other, alpha)
+            assert torch.isfinite(out).all()
+            torch.testing.assert_close(out, (1 - alpha) * z0 + alpha * other, rtol=1e-4, atol=1e-4)
