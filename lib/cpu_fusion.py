@@ -8,31 +8,68 @@ autograd formula, so each pairing below is an autograd.Function whose backward i
 unfused ops' backward. It pays off in bf16 only (README, "Speed", has the figures).
 """
 
+import functools
 import platform
+import warnings
 
 import torch
+import torch.nn.functional as F
 
 # oneDNN's bf16 convolutions need AVX512 (BW/VL/DQ), AVX-NE-CONVERT or AMX; on other x86 CPUs
 # (AVX2 only) the fused op refuses bf16, where plain conv2d falls back to another kernel.
+_OP = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)  # private: other builds may differ
 _POINTWISE = (
     torch.backends.mkldnn.is_available()
     and platform.machine().lower() in ("x86_64", "amd64")
-    and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    and _OP is not None
     and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 )
 _UNIT = [1, 1]  # stride and dilation
 
 
 def applies(x):
-    """Whether the fused ops serve x: a bf16 CPU tensor, oneDNN switched on, and not inside
-    torch.compile (which must not trace this op: inductor chooses its own kernels)."""
+    """Whether the fused ops serve x: a bf16 CPU tensor, oneDNN switched on, not inside
+    torch.compile (which must not trace this op: inductor chooses its own kernels), and the op
+    passed its self-check in this process."""
     return (
         _POINTWISE
         and torch.backends.mkldnn.enabled
         and x.device.type == "cpu"
         and x.dtype == torch.bfloat16
         and not torch.compiler.is_compiling()
+        and self_check()
     )
+
+
+@functools.cache
+def self_check():
+    """Once per process: both fused pairs, forward and backward, on a small bf16 input against the
+    plain ops. The op is private to PyTorch, and another build may change or break it: then one
+    warning, and the plain ops serve."""
+    g = torch.Generator().manual_seed(0)
+    try:
+        # The first call may come from sampling, under inference_mode: tensors made here must be
+        # ordinary ones, which autograd can save.
+        with torch.inference_mode(False), torch.enable_grad():
+            shapes = ((2, 4, 5, 5), (2, 4, 5, 5), (4, 4, 3, 3), (4,))
+            x, other, w, b = (torch.randn(shape, generator=g).bfloat16() for shape in shapes)
+            x_fused, x_plain = x.clone().requires_grad_(), x.clone().requires_grad_()
+            fused = _ConvAdd.apply(_ConvLeakyReLU.apply(x_fused, w, b, 0.1), w, b, other)
+            plain = F.conv2d(F.leaky_relu(F.conv2d(x_plain, w, b, padding=1), 0.1), w, b, padding=1) + other
+            for y in (fused, plain):
+                y.float().square().sum().backward()
+        # bf16 keeps 8 significant bits: the two differ by rounding only
+        same = all(
+            torch.allclose(a.float(), p.float(), rtol=0.05, atol=0.05 * p.float().abs().max().item())
+            for a, p in ((fused, plain), (x_fused.grad, x_plain.grad))
+        )
+        reason = None if same else "its results differ from the plain ops'"
+    except Exception as e:  # whatever a changed private op raises
+        reason = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+    if reason:
+        message = f"lib.cpu_fusion: oneDNN's fused convolution failed its self-check ({reason})"
+        warnings.warn(f"{message}; using the plain ops", RuntimeWarning, stacklevel=2)
+    return reason is None
 
 
 def _same_padding(weight):
@@ -76,9 +113,7 @@ class _ConvLeakyReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, slope):
         padding = _same_padding(weight)
-        y = torch.ops.mkldnn._convolution_pointwise(
-            x, weight, bias, padding, _UNIT, _UNIT, 1, "leaky_relu", [slope], ""
-        )
+        y = _OP(x, weight, bias, padding, _UNIT, _UNIT, 1, "leaky_relu", [slope], "")
         ctx.save_for_backward(x, weight, y)
         ctx.padding, ctx.slope = padding, slope
         return y
@@ -98,9 +133,7 @@ class _ConvAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, other):
         padding = _same_padding(weight)
-        y = torch.ops.mkldnn._convolution_pointwise.binary(
-            x, other, weight, bias, padding, _UNIT, _UNIT, 1, "add", None, None, [], None
-        )
+        y = _OP.binary(x, other, weight, bias, padding, _UNIT, _UNIT, 1, "add", None, None, [], None)
         ctx.save_for_backward(x, weight)
         ctx.padding = padding
         return y

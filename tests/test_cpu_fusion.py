@@ -1,5 +1,7 @@
 """The oneDNN convolution + LeakyReLU / residual-add pairs compute what the unfused ops compute."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -47,6 +49,41 @@ def test_fused_pairs_match_the_unfused_ops_in_fp32(layout, frozen):
             assert a is None, i
         else:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"tensor {i}")
+
+
+class BrokenOp:
+    """Stands in for a changed private op: one that raises, or one that computes something else."""
+
+    def __init__(self, raises):
+        self.raises = raises
+
+    def __call__(self, x, *args):
+        if self.raises:
+            raise RuntimeError("unknown argument 'attr'")
+        return torch.zeros(x.shape[0], args[0].shape[0], *x.shape[2:], dtype=x.dtype)
+
+    def binary(self, x, other, *args):
+        return self(x, *args[:1]) if self.raises else torch.zeros_like(other)
+
+
+@pytest.mark.parametrize("raises", [True, False], ids=["raises", "wrong results"])
+def test_a_broken_fused_op_is_caught_once_and_the_plain_ops_serve(monkeypatch, raises):
+    monkeypatch.setattr(cpu_fusion, "_OP", BrokenOp(raises))
+    cpu_fusion.self_check.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="failed its self-check.*using the plain ops"):
+            assert not cpu_fusion.applies(torch.zeros(1, dtype=torch.bfloat16))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per process: no second warning
+            assert not cpu_fusion.applies(torch.zeros(1, dtype=torch.bfloat16))
+        torch.manual_seed(0)  # and the network still runs, on the plain ops
+        model = build_unet(model_config("flowers64", image_size=32))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.isfinite(model(torch.randn(2, 3, 32, 32), torch.rand(2)).float()).all()
+    finally:
+        monkeypatch.undo()
+        cpu_fusion.self_check.cache_clear()
+    assert cpu_fusion.self_check()  # the real op passes
 
 
 def test_only_bf16_cpu_tensors_take_the_fused_path(monkeypatch):
