@@ -25,6 +25,7 @@ from lib.runtime import add_device_args, setup
 from lib.sample import generate, initial_noise, interpolation_noise, sketch_to_image
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "models" / "flowers64.pt"
+MAX_PANELS = 32  # a screenful: a figure of more pictures is too large to open or read
 NON_INTERACTIVE = {"agg", "pdf", "ps", "svg", "pgf", "cairo", "template"}
 
 
@@ -67,13 +68,14 @@ def get_parser():
     return p
 
 
-def figure(images, title="Generated Images", cols=4, labels=None):
-    """(N, 3, H, W) in [0, 1] -> a matplotlib figure, `cols` images a row (2x4 for eight, as the
-    original), optional captions under each panel."""
+def figure(images, title="Generated Images", cols=None, labels=None):
+    """(N, 3, H, W) in [0, 1] -> a matplotlib figure, `cols` images a row (default: a grid about
+    as wide as tall, at least 4 wide: 2x4 for eight, as the original), optional captions under
+    each panel."""
     import matplotlib.pyplot as plt
 
     n = images.shape[0]
-    cols = min(n, cols)
+    cols = min(n, cols or max(4, math.ceil(math.sqrt(n))))
     rows = math.ceil(n / cols)
     # constrained layout keeps room for the title at any number of rows (tight_layout does not)
     fig, axes = plt.subplots(
@@ -157,7 +159,8 @@ def paint(model, ckpt, args, precision):
     size = ckpt["config"]["image_size"]
     if args.interpolate:
         noise = interpolation_noise(size, args.seed, args.num_images)
-        fig_args = dict(title=f"Interpolation: seed {args.seed} to {args.seed + 1}", cols=args.num_images)
+        cols = args.num_images if args.num_images <= 8 else None  # one strip, or a grid read row by row
+        fig_args = dict(title=f"Interpolation: seed {args.seed} to {args.seed + 1}", cols=cols)
     else:
         noise, fig_args = initial_noise(args.num_images, size, args.seed), {}
     mean, std = ckpt["norm"]["mean"], ckpt["norm"]["std"]
@@ -200,7 +203,14 @@ def run(args):
     # Headless machines get a file; a window only opens where matplotlib found a GUI backend.
     import matplotlib.pyplot as plt
 
-    fig = figure(panels, **fig_args)
+    per_image = len(panels) // len(images)  # sketch to image: drawing, noised drawing, result
+    shown = min(len(images), MAX_PANELS // per_image)
+    if shown < len(images):
+        rest = (
+            f"all {len(images)} are in {args.save_dir}" if args.save_dir else "--save-dir DIR saves them all"
+        )
+        print(f"the figure shows the first {shown} of {len(images)} images; {rest}")
+    fig = figure(panels[: shown * per_image], **fig_args)
     fig.savefig(out, dpi=100)
     print(f"saved the figure to {out}")
     if not args.no_show and matplotlib.get_backend().lower() not in NON_INTERACTIVE:

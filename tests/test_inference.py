@@ -199,3 +199,15 @@ def test_ctrl_c_is_one_line_and_status_130(capsys):
 
     assert run_cli(body, None) == 130
     assert capsys.readouterr().err == "error: interrupted\n"
+
+
+def test_many_images_go_to_save_dir_and_the_figure_shows_a_screenful(tmp_path, capsys):
+    tiny_checkpoint(tmp_path / "m.pt")
+    out, save_dir = tmp_path / "fig.png", tmp_path / "imgs"
+    argv = ["--checkpoint", str(tmp_path / "m.pt"), "--steps", "1", "--num-images", "40", "--no-show"]
+    assert sd_inference.main([*argv, "--out", str(out), "--save-dir", str(save_dir)]) == 0
+    assert len(list(save_dir.glob("*.png"))) == 40  # every image saved
+    assert Image.open(out).size == (1500, 1540)  # 32 panels, 6 wide and 6 high, not 4 x 10
+    assert "the figure shows the first 32 of 40 images; all 40 are in" in capsys.readouterr().out
+    assert sd_inference.main([*argv, "--num-images", "33", "--out", str(out)]) == 0
+    assert "--save-dir DIR saves them all" in capsys.readouterr().out
