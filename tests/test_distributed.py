@@ -5,11 +5,15 @@ import socket
 
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 import sd_train
-from conftest import run_args
+from conftest import TINY, run_args
 from lib import distributed
 from lib.checkpoint import load_model
+from lib.cli import StopRequest
+from lib.diffusion import diffusion_schedule
+from lib.training import Training
 
 
 def free_port():
@@ -18,8 +22,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def worker(rank, world_size, port, argv, out):
-    """One process of a 2-process run: the environment torchrun sets, then the script's own path."""
+def torchrun_env(rank, world_size, port):
+    """The environment torchrun gives each of its processes, on this machine."""
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
@@ -28,9 +32,14 @@ def worker(rank, world_size, port, argv, out):
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+
+
+def worker(rank, world_size, port, argv, out):
+    """One process of a 2-process run: the environment torchrun sets, then the script's own path."""
+    torchrun_env(rank, world_size, port)
     args, resumed = sd_train.resolve_args(argv)
     ctx = distributed.init(args.device)
-    stop = sd_train.StopRequest()
+    stop = StopRequest()
     try:
         run = sd_train.train(args, resumed, stop, ctx)
         torch.save({"model": run.model.state_dict(), "ema": run.ema.state_dict()}, f"{out}/rank{rank}.pt")
@@ -92,3 +101,48 @@ def test_two_process_run_then_resume(data_root, tmp_path):
         and state["world_size"] == 1
         and [r["epoch"] for r in state["log"]] == [1, 2, 3, 4]
     )
+
+
+def fixed_batch():
+    """8 images with their noise levels and noise, the same in every process."""
+    g = torch.Generator().manual_seed(1)
+    return (
+        torch.randn(8, 3, 32, 32, generator=g),
+        torch.rand(8, 1, 1, 1, generator=g),
+        torch.randn(8, 3, 32, 32, generator=g),
+    )
+
+
+def gradients(step_model, model, x0, t, eps):
+    """Parameter gradients of the L1 noise loss on (x0, t, eps), with BatchNorm in eval mode (its
+    running statistics), so that each image's loss depends on that image alone."""
+    step_model.eval()
+    noise_rate, signal_rate = diffusion_schedule(t)
+    eps_hat = step_model(signal_rate * x0 + noise_rate * eps, noise_rate.flatten() ** 2)
+    F.l1_loss(eps_hat, eps).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def ddp_worker(rank, world_size, port, out):
+    torchrun_env(rank, world_size, port)
+    ctx = distributed.init("cpu")
+    try:
+        torch.manual_seed(0)  # the same initial weights as the single process
+        run = Training(TINY, torch.device("cpu"), "fp32", 1e-3, distributed=ctx.active)
+        part = slice(rank * 4, rank * 4 + 4)
+        torch.save(
+            gradients(run.step_model, run.model, *(t[part] for t in fixed_batch())), f"{out}/grads{rank}.pt"
+        )
+    finally:
+        distributed.close()
+
+
+def test_two_processes_on_two_halves_get_the_gradients_of_one_on_the_whole_batch(tmp_path):
+    mp.spawn(ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    run = Training(TINY, torch.device("cpu"), "fp32", 1e-3)
+    whole = gradients(run.model, run.model, *fixed_batch())
+    for rank in range(2):
+        shards = torch.load(tmp_path / f"grads{rank}.pt", weights_only=True)
+        for i, (a, b) in enumerate(zip(shards, whole, strict=True)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=f"rank {rank}, parameter {i}")
