@@ -8,7 +8,6 @@
 Reads this repo's checkpoints and the original repo's model.pt / best.pt / last.pt alike.
 """
 
-import argparse
 import math
 import os
 import sys
@@ -19,7 +18,7 @@ import torch
 from torchvision.utils import save_image
 
 from lib.checkpoint import load_model
-from lib.cli import HelpFormatter, UserError, check_at_least, run_cli
+from lib.cli import ArgumentParser, UserError, check_at_least, run_cli
 from lib.data import load_image
 from lib.runtime import add_device_args, setup
 from lib.sample import generate, initial_noise, interpolation_noise, sketch_to_image
@@ -30,7 +29,7 @@ NON_INTERACTIVE = {"agg", "pdf", "ps", "svg", "pgf", "cairo", "template"}
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
         "--checkpoint",
         default=None,
@@ -178,6 +177,21 @@ def paint(model, ckpt, args, precision):
     return images, images, fig_args
 
 
+def screenful(panels, n_images, args):
+    """At most MAX_PANELS of the panels, saying so where some are left out: the first images, or
+    frames spread evenly over an interpolation (both ends included)."""
+    per_image = len(panels) // n_images  # sketch to image: drawing, noised drawing, result
+    shown = min(n_images, MAX_PANELS // per_image)
+    if shown == n_images:
+        return panels
+    rest = f"all {n_images} are in {args.save_dir}" if args.save_dir else "--save-dir DIR saves them all"
+    if args.interpolate:
+        print(f"the figure shows {shown} of the {n_images} frames, evenly spaced; {rest}")
+        return panels[torch.linspace(0, n_images - 1, shown).round().long()]
+    print(f"the figure shows the first {shown} of {n_images} images; {rest}")
+    return panels[: shown * per_image]
+
+
 def run(args):
     check_args(args)
     out = figure_path(args.out)
@@ -203,14 +217,7 @@ def run(args):
     # Headless machines get a file; a window only opens where matplotlib found a GUI backend.
     import matplotlib.pyplot as plt
 
-    per_image = len(panels) // len(images)  # sketch to image: drawing, noised drawing, result
-    shown = min(len(images), MAX_PANELS // per_image)
-    if shown < len(images):
-        rest = (
-            f"all {len(images)} are in {args.save_dir}" if args.save_dir else "--save-dir DIR saves them all"
-        )
-        print(f"the figure shows the first {shown} of {len(images)} images; {rest}")
-    fig = figure(panels[: shown * per_image], **fig_args)
+    fig = figure(screenful(panels, len(images), args), **fig_args)
     fig.savefig(out, dpi=100)
     print(f"saved the figure to {out}")
     if not args.no_show and matplotlib.get_backend().lower() not in NON_INTERACTIVE:

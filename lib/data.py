@@ -241,7 +241,9 @@ class JpegBatches:
         )
         for images in loader:
             if images is not None:  # None only if every file of the batch was unreadable
-                yield images.to(self.device, non_blocking=True)  # (B, 3, S, S) float in [0, 1]
+                yield images.to(
+                    self.device, non_blocking=self.device.type == "cuda"
+                )  # (B, 3, S, S) float in [0, 1]
 
 
 def epoch_order(num_images, epoch, seed):

@@ -41,7 +41,13 @@ def to_model_space(images, mean, std, flip_generator=None):
 def per_channel(values, device):
     """Three per-channel numbers -> (1, 3, 1, 1) on the device, sent without waiting: a blocking
     host-to-device copy would make the host wait for the GPU's queue at every training step."""
-    return torch.as_tensor(values, dtype=torch.float32).view(1, 3, 1, 1).to(device, non_blocking=True)
+    device = torch.device(device)
+    # Only CUDA copies a pageable temporary safely without waiting (MPS may read it once freed).
+    return (
+        torch.as_tensor(values, dtype=torch.float32)
+        .view(1, 3, 1, 1)
+        .to(device, non_blocking=device.type == "cuda")
+    )
 
 
 def to_image_space(x, mean, std):

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 import sd_train
 from conftest import TINY, run_args
-from lib import distributed
+from lib import distributed, trainer
 from lib.checkpoint import load_model
-from lib.cli import StopRequest
+from lib.cli import StopRequest, UserError
 from lib.diffusion import diffusion_schedule
 from lib.training import Training
 
@@ -146,3 +146,33 @@ def test_two_processes_on_two_halves_get_the_gradients_of_one_on_the_whole_batch
         shards = torch.load(tmp_path / f"grads{rank}.pt", weights_only=True)
         for i, (a, b) in enumerate(zip(shards, whole, strict=True)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=f"rank {rank}, parameter {i}")
+
+
+def nan_worker(rank, world_size, port, argv, out):
+    """Rank 1 alone sees a NaN in the epoch's last batch; DDP spreads its gradient to rank 0."""
+    torchrun_env(rank, world_size, port)
+    real, calls = trainer.to_model_space, []
+
+    def poisoned(*args, **kwargs):
+        calls.append(None)
+        x0 = real(*args, **kwargs)
+        return x0.index_fill(0, torch.tensor([0]), float("nan")) if rank == 1 and len(calls) == 4 else x0
+
+    trainer.to_model_space = poisoned
+    args, resumed = sd_train.resolve_args(argv)
+    ctx = distributed.init(args.device)
+    try:
+        sd_train.train(args, resumed, StopRequest(), ctx)
+    except UserError as e:
+        (out / f"error{rank}.txt").write_text(str(e))
+    finally:
+        distributed.close()
+
+
+def test_a_nan_on_one_rank_stops_every_rank_before_saving(data_root, tmp_path):
+    run = tmp_path / "run"
+    argv = run_args(data_root, run, "--epochs", "1", "--precision", "bf16", batch_size=8)  # 4 steps
+    mp.spawn(nan_worker, args=(2, free_port(), argv, tmp_path), nprocs=2, join=True)
+    for rank in range(2):
+        assert "diverged in epoch 1: 1 of its 4 steps" in (tmp_path / f"error{rank}.txt").read_text()
+    assert not (run / "last.pt").exists() and not (run / "best.pt").exists()

@@ -211,3 +211,5 @@ def test_many_images_go_to_save_dir_and_the_figure_shows_a_screenful(tmp_path, c
     assert "the figure shows the first 32 of 40 images; all 40 are in" in capsys.readouterr().out
     assert sd_inference.main([*argv, "--num-images", "33", "--out", str(out)]) == 0
     assert "--save-dir DIR saves them all" in capsys.readouterr().out
+    assert sd_inference.main([*argv, "--interpolate", "--num-images", "64", "--out", str(out)]) == 0
+    assert "32 of the 64 frames, evenly spaced" in capsys.readouterr().out  # the whole way, both ends
