@@ -9,14 +9,13 @@ Lower is better for both; read them against the floor (--floor): two sets of rea
 same size score the floor, not zero (FID is biased upwards at small N; KID is unbiased, ~0).
 """
 
-import argparse
 import sys
 import time
 
 import torch
 
 from lib.checkpoint import load_model
-from lib.cli import HelpFormatter, UserError, check_at_least, run_cli
+from lib.cli import ArgumentParser, UserError, check_at_least, run_cli
 from lib.data import load_images
 from lib.metrics import EXTRACTORS, build_extractor, extract_features, fid, kid, reference_features, to_uint8
 from lib.runtime import add_device_args, setup
@@ -24,7 +23,7 @@ from lib.sample import generate, initial_noise
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     src = p.add_argument_group("what to score (one of)")
     src.add_argument("--checkpoint", default=None, help="generate samples from this checkpoint")
     src.add_argument("--samples-dir", default=None, help="score the images in this folder instead")

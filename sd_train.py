@@ -18,25 +18,64 @@ import torch
 
 from lib import distributed
 from lib.checkpoint import read_checkpoint
-from lib.cli import HelpFormatter, StopRequest, UserError, check_at_least, run_cli
+from lib.cli import ArgumentParser, StopRequest, UserError, check_at_least, run_cli
 from lib.run_folder import check_out_dir, lock_run_folder
 from lib.runtime import add_device_args, literal_precision, setup, tune_for_training
-from lib.trainer import TrainingRun
+from lib.trainer import TrainingRun, trained_minutes
 from lib.unet import PRESETS, build_unet, count_parameters, model_config
 
 ONE_SHOT = ("resume", "overwrite", "dry_run")  # flags that --resume does not take from the saved run
 PATHS = ("out_dir", "data_root", "image_dir", "cache_dir")  # saved absolute: a resume may run elsewhere
 
+# What --recipe sets: each entry is also a flag of its own, which overrides it when given.
+RECIPES = {
+    # The original repo's (SPEC.md): Adam at 3e-4 with ReduceLROnPlateau, L1 on the noise, an EMA
+    # of 0.999 from the first step, its published per-channel statistics, no flips.
+    "original": dict(
+        lr=3e-4,
+        optimizer="adam",
+        weight_decay=0.0,
+        warmup_steps=0,
+        lr_schedule="plateau",
+        ema_decay=0.999,
+        ema_warmup=False,
+        loss="l1",
+        min_snr_gamma=0.0,
+        norm_stats="original",
+        flip=False,
+    ),
+    # More flowers per CPU-hour: what the equal-time study in README ("Training recipes") kept.
+    "improved": dict(
+        lr=1e-3,
+        optimizer="adamw",
+        weight_decay=1e-4,
+        warmup_steps=100,
+        lr_schedule="constant",
+        ema_decay=0.999,
+        ema_warmup=True,
+        loss="l1",
+        min_snr_gamma=0.0,
+        norm_stats="data",
+        flip=True,
+    ),
+}
+
+
+def recipe_help(key, text):
+    """A recipe flag's help, with what each recipe sets it to."""
+    values = ", ".join(f"{name} {recipe[key]}" for name, recipe in RECIPES.items())
+    return f"{text} (by --recipe: {values})"
+
 
 def get_parser():
     """Every flag and its default: together, the original's recipe and setup."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
         "--preset", default="sd128", choices=sorted(PRESETS), help="network and image size (lib/unet.py)"
     )
     p.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
     add_data_args(p.add_argument_group("data"))
-    add_recipe_args(p.add_argument_group("optimisation (the original's recipe)"))
+    add_recipe_args(p.add_argument_group("optimisation (--recipe sets those marked so; a flag overrides it)"))
     add_output_args(p.add_argument_group("outputs"))
     run = p.add_argument_group("runtime")
     precision_help = (
@@ -83,26 +122,55 @@ def add_data_args(p):
     p.add_argument("--image-dir", default=None, help="train on the images in this folder (recursively)")
     p.add_argument("--limit", type=int, default=None, help="use a fixed subset of N images")
     p.add_argument(
-        "--flip", action=argparse.BooleanOptionalAction, default=False, help="random horizontal flips"
+        "--flip", action=argparse.BooleanOptionalAction, help=recipe_help("flip", "random horizontal flips")
+    )
+    p.add_argument(
+        "--norm-stats",
+        choices=["original", "data"],
+        help=recipe_help("norm_stats", "normalize with the original's per-channel statistics or the data's"),
     )
     p.add_argument("--num-workers", type=int, default=4, help="processes that decode the images")
     p.add_argument("--cache-dir", default=None, help="keep the decoded images in a file here for later runs")
 
 
 def add_recipe_args(p):
+    p.add_argument("--recipe", default="original", choices=sorted(RECIPES), help="the defaults below")
     p.add_argument("--epochs", type=int, default=500, help="passes over the images")
+    p.add_argument(
+        "--max-minutes", type=float, default=None, help="stop after this many minutes of training steps"
+    )
     p.add_argument(
         "--batch-size", type=int, default=64, help="per process: the global batch is this x the process count"
     )
-    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
+    p.add_argument("--lr", type=float, help=recipe_help("lr", "learning rate"))
     p.add_argument(
-        "--ema-decay", type=float, default=0.999, help="of the weight average that is sampled and shipped"
+        "--optimizer",
+        choices=["adam", "adamw"],
+        help=recipe_help("optimizer", "adamw: decoupled weight decay"),
     )
+    p.add_argument("--weight-decay", type=float, help=recipe_help("weight_decay", "of the optimizer"))
+    p.add_argument("--warmup-steps", type=int, help=recipe_help("warmup_steps", "linear LR warmup"))
     p.add_argument(
-        "--lr-patience", type=int, default=20, help="ReduceLROnPlateau: epochs without improvement"
+        "--lr-schedule",
+        choices=["plateau", "constant", "rsqrt", "cosine"],
+        help=recipe_help(
+            "lr_schedule", "plateau: ReduceLROnPlateau; rsqrt: 1/sqrt decay; cosine: to the end"
+        ),
     )
-    p.add_argument("--lr-factor", type=float, default=0.5, help="ReduceLROnPlateau: LR multiplier")
-    p.add_argument("--min-lr", type=float, default=1e-6, help="ReduceLROnPlateau: the LR's floor")
+    p.add_argument("--lr-decay-steps", type=int, default=2000, help="rsqrt: steps before the LR decays")
+    p.add_argument("--lr-patience", type=int, default=20, help="plateau: epochs without improvement")
+    p.add_argument("--lr-factor", type=float, default=0.5, help="plateau: LR multiplier")
+    p.add_argument("--min-lr", type=float, default=1e-6, help="plateau: the LR's floor")
+    p.add_argument("--ema-decay", type=float, help=recipe_help("ema_decay", "of the sampled weight average"))
+    p.add_argument(
+        "--ema-warmup",
+        action=argparse.BooleanOptionalAction,
+        help=recipe_help("ema_warmup", "decay min(ema-decay, (1+n)/(10+n)) at step n"),
+    )
+    p.add_argument("--loss", choices=["l1", "l2"], help=recipe_help("loss", "error of the predicted noise"))
+    p.add_argument(
+        "--min-snr-gamma", type=float, help=recipe_help("min_snr_gamma", "Min-SNR weighting; 0: off")
+    )
     p.add_argument(
         "--early-stop", type=int, default=100, help="stop after this many epochs without a new best loss"
     )
@@ -136,7 +204,7 @@ def resolve_args(argv):
     parser = get_parser()
     args = parser.parse_args(argv)
     if not args.resume:
-        return absolute_paths(args), None
+        return apply_recipe(absolute_paths(args)), None
     ckpt = read_checkpoint(args.resume)
     if "train" not in ckpt:
         raise UserError(
@@ -146,27 +214,51 @@ def resolve_args(argv):
     for action in parser._actions:  # parse again without defaults: what did the user type?
         action.default = argparse.SUPPRESS
     explicit = vars(parser.parse_args(argv))
-    saved, done = ckpt["train"]["args"], ckpt["train"]["epoch"]
-    for fixed, used in (("preset", saved["preset"]), ("image_size", ckpt["config"]["image_size"])):
-        if fixed in explicit and explicit[fixed] != used:
-            raise UserError(f"--{fixed.replace('_', '-')} cannot change on --resume (the run used {used})")
-    if explicit.get("epochs", saved["epochs"]) <= done:
-        raise UserError(
-            f"{args.resume} is at the end of epoch {done} already: "
-            f"pass --epochs N with N > {done} to train on"
-        )
     # Settings of the run carry over; one-shot instructions (which file to resume, permission to
     # overwrite, a dry run) apply to the command that gave them only.
-    merged = {**vars(args), **{k: v for k, v in saved.items() if k not in ONE_SHOT}, **explicit}
+    saved = {k: v for k, v in ckpt["train"]["args"].items() if k not in ONE_SHOT}
+    merged = {**vars(args), **saved, **explicit}
     if "out_dir" not in explicit:  # a resumed run writes beside its checkpoint, run from wherever
         merged["out_dir"] = str(Path(args.resume).parent)
-    if ckpt["train"]["bad_epochs"] >= merged["early_stop"]:
+    check_resumable(args.resume, ckpt, explicit, merged)
+    ckpt["explicit"] = set(explicit)  # the flags typed now (an explicit --lr resets the LR on restore)
+    return apply_recipe(absolute_paths(argparse.Namespace(**merged))), ckpt
+
+
+def check_resumable(path, ckpt, explicit, merged):
+    """One-line errors for a resume that cannot go on as asked."""
+    state, saved = ckpt["train"], ckpt["train"]["args"]
+    fixed = dict(
+        preset=saved["preset"],
+        image_size=ckpt["config"]["image_size"],
+        recipe=saved.get("recipe", "original"),
+    )
+    for name, used in fixed.items():
+        if name in explicit and explicit[name] != used:
+            raise UserError(f"--{name.replace('_', '-')} cannot change on --resume (the run used {used})")
+    if merged["epochs"] <= state["epoch"]:
         raise UserError(
-            f"{args.resume} stopped early (no new best loss for {ckpt['train']['bad_epochs']} epochs): "
+            f"{path} is at the end of epoch {state['epoch']} already: "
+            f"pass --epochs N with N > {state['epoch']} to train on"
+        )
+    if merged.get("max_minutes") and trained_minutes(state) >= merged["max_minutes"]:
+        raise UserError(
+            f"{path} has trained {trained_minutes(state):.1f} minutes already: "
+            "pass a larger --max-minutes to train on"
+        )
+    if state["bad_epochs"] >= merged["early_stop"]:
+        raise UserError(
+            f"{path} stopped early (no new best loss for {state['bad_epochs']} epochs): "
             "pass a larger --early-stop to train on"
         )
-    ckpt["explicit"] = set(explicit)  # the flags typed now (an explicit --lr resets the LR on restore)
-    return absolute_paths(argparse.Namespace(**merged)), ckpt
+
+
+def apply_recipe(args):
+    """Flags not given take their values from --recipe."""
+    for key, value in RECIPES[args.recipe].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
 
 
 def absolute_paths(args):
@@ -183,8 +275,11 @@ def check_args(args, ctx, device):
     check_at_least(args, epochs=1, batch_size=1, sample_every=1, num_samples=1, sample_steps=1)
     check_at_least(args, num_workers=0, early_stop=1, lr_patience=0, min_lr=0.0)
     check_at_least(args, eval_every=0, eval_samples=2, eval_steps=1)
+    check_at_least(args, weight_decay=0.0, warmup_steps=0, lr_decay_steps=1, min_snr_gamma=0.0)
     if not args.lr > 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        raise UserError(f"--max-minutes must be > 0, got {args.max_minutes}")
     if not (0.0 <= args.ema_decay < 1.0 and 0.0 < args.lr_factor < 1.0):
         raise UserError(
             f"--ema-decay must be in [0, 1) and --lr-factor in (0, 1), got {args.ema_decay}, {args.lr_factor}"
@@ -219,33 +314,28 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
     if ctx.is_main and lock is None:
         lock = lock_run_folder(out_dir)
     stop.arm()
-    resume_hint = f"resume with --resume {out_dir / 'last.pt'}"
     while run.state["epoch"] < args.epochs:
         epoch = run.state["epoch"] + 1  # 1-based for people
         reached_end = run.train_epoch(stop)
         run.check_diverged(reached_end)  # before anything of the epoch is saved
         interrupted = distributed.any_rank(stop.requested, ctx, device)
-        if interrupted and not reached_end:
+        why = run.halt_reason(interrupted)  # a stop request, the time budget, or "" to go on
+        if why and not reached_end:
             run.save("last.pt")
-            run.log(f"stopped in epoch {epoch} after {run.state['images_done']} images; {resume_hint}")
+            run.log(f"{why} in epoch {epoch} after {run.state['images_done']} images; {run.resume_hint()}")
             return run.training
         run.end_epoch(interrupted)
         if run.early_stopped():
             run.log(f"early stop: no new best loss for {args.early_stop} epochs")
             break
-        if interrupted and epoch < args.epochs:
-            run.log(f"stopped after epoch {epoch}; {resume_hint}")
+        if why and epoch < args.epochs:
+            run.log(f"{why} after epoch {epoch}; {run.resume_hint()}")
             return run.training
         if interrupted:
             run.log(
                 "stop request in the last epoch: its sample grid and KID were skipped, the run is complete"
             )
-    best_kid = "" if run.kid_probe is None else f", best KID {run.state['best_kid']:.4f}"
-    epochs = run.state["epoch"]
-    run.log(
-        f"done: {epochs} epoch{'s' * (epochs != 1)}, best loss {run.state['best_loss']:.4f}{best_kid}; "
-        f"checkpoints in {out_dir}"
-    )
+    run.log_done()
     return run.training
 
 

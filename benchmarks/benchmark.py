@@ -12,7 +12,6 @@ For each preset, in alternating rounds (so drifts in clock speed or load hit bot
   MFU     (GPU) model FLOPs of a training step (torch.utils.flop_counter) x steps/s / bf16 peak
 """
 
-import argparse
 import ctypes
 import ctypes.util
 import gc
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lib.cli import HelpFormatter, UserError, check_at_least, run_cli
+from lib.cli import ArgumentParser, UserError, check_at_least, run_cli
 from lib.data import DecodedBatches, JpegBatches, epoch_order, load_images
 from lib.diffusion import ddim_sample, training_loss
 from lib.normalization import FLOWERS_MEAN, FLOWERS_STD, to_model_space
@@ -266,7 +265,7 @@ def bench_preset(preset, args, device, precision):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-root", default="data", help="folder that holds flowers-102/")
     p.add_argument(
         "--download", action="store_true", help="let torchvision download Flowers102 into --data-root"

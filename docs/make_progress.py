@@ -6,18 +6,17 @@ sd_train.py writes epoch_N.png (8 samples from the same fixed noise) at epoch 1,
 --sample-every epochs and at the end, so the panels differ only by how long the model trained.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lib.cli import UserError, run_cli
+from lib.cli import ArgumentParser, UserError, run_cli
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run_dir", help="the --out-dir of a training run")
     p.add_argument("--epochs", type=int, nargs="+", required=True)
     p.add_argument("--out", default=None, help="default: progress.png in run_dir")

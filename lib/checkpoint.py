@@ -11,7 +11,6 @@ The original repo's files (a bare state dict of its EMA wrapper: "module.*" keys
 are read by the same loader and converted on the fly.
 """
 
-import argparse
 import pickle
 import re
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lib.cli import UserError, run_cli
+from lib.cli import ArgumentParser, UserError, run_cli
 from lib.files import atomic_save
 from lib.normalization import FLOWERS_MEAN, FLOWERS_STD
 from lib.unet import build_unet, check_image_size
@@ -159,7 +158,7 @@ def export_weights(src, dst):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Export a checkpoint's EMA weights for inference: "
         "python -m lib.checkpoint runs/x/best.pt models/x.pt"
     )

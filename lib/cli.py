@@ -21,6 +21,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with --help defaults (HelpFormatter), whose errors are one line and exit 2."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=HelpFormatter, **kwargs)
+
+    def error(self, message):
+        print(f"error: {message} (--help lists the flags)", file=sys.stderr)
+        sys.exit(2)
+
+
 def check_at_least(args, **lowest):
     """A UserError naming the first flag below its lowest allowed value (None: not given, fine)."""
     for name, low in lowest.items():

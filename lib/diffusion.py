@@ -38,8 +38,19 @@ def denoise(model, x_t, noise_rate, signal_rate):
     return eps, x0
 
 
-def training_loss(model, x0, generator=None):
-    """The original's objective: L1 between the true and the predicted noise, t ~ U(0, 1) per image.
+def min_snr_weight(noise_rate, signal_rate, gamma):
+    """Min-SNR-gamma weighting (Hang et al. 2023) for a noise-predicting network: min(SNR, gamma) /
+    SNR with SNR = signal_rate^2 / noise_rate^2. Weight 1 where the image is mostly noise; the
+    nearly clean levels, whose noise is hard to see and whose gradients conflict with the rest,
+    count less (weight gamma / SNR)."""
+    snr = (signal_rate / noise_rate) ** 2
+    return snr.clamp(max=gamma) / snr
+
+
+def training_loss(model, x0, generator=None, loss="l1", min_snr_gamma=0.0):
+    """The error of the predicted noise, t ~ U(0, 1) per image: by default the original's objective,
+    L1 over all pixels. loss "l2" squares the error instead; min_snr_gamma > 0 weights each image
+    by min_snr_weight.
 
     x0: (B, C, H, W) normalized clean images -> scalar loss (fp32 even under autocast).
     """
@@ -49,7 +60,13 @@ def training_loss(model, x0, generator=None):
     noise_rate, signal_rate = diffusion_schedule(t)
     x_t = signal_rate * x0 + noise_rate * eps
     eps_hat = model(x_t, noise_rate.flatten() ** 2)
-    return F.l1_loss(eps_hat.float(), eps.float())
+    if loss == "l1" and not min_snr_gamma:
+        return F.l1_loss(eps_hat.float(), eps.float())
+    error = eps_hat.float() - eps.float()
+    per_image = (error.abs() if loss == "l1" else error.square()).mean(dim=(1, 2, 3))
+    if min_snr_gamma:
+        per_image = per_image * min_snr_weight(noise_rate, signal_rate, min_snr_gamma).flatten()
+    return per_image.mean()
 
 
 def add_noise(x0, t, eps):

@@ -22,7 +22,7 @@ from lib.normalization import FLOWERS_MEAN, FLOWERS_STD, compute_stats, to_model
 from lib.run_folder import write_log
 from lib.runtime import sum_dtype
 from lib.sample import generate, initial_noise
-from lib.training import Training
+from lib.training import Training, ema_decay_at, lr_factor
 from lib.unet import count_parameters
 
 # With fp16 loss scaling, a step whose loss overflowed is skipped (the scaler lowers the scale and
@@ -31,12 +31,14 @@ SKIPPED_IN_A_ROW = 20
 
 # A new run's progress counters, as last.pt stores them. images_done / epoch_steps: progress in the
 # current epoch, in images (so a run resumed with another process count knows where to continue)
-# and in global steps; epoch_finite: how many of those steps had a finite loss (the ranks' mean).
+# and in global steps; epoch_finite: how many of those steps had a finite loss (the ranks' mean);
+# epoch_skipped: the non-finite losses, summed over the ranks.
 NEW_RUN = dict(
     epoch=0,
     images_done=0,
     epoch_steps=0,
     epoch_finite=0.0,
+    epoch_skipped=0,
     epoch_loss_sum=0.0,
     epoch_seconds=0.0,
     global_step=0,
@@ -54,6 +56,12 @@ def add_loss(acc, loss):
     acc[1] += finite
     acc[2] = (acc[2] + 1) * ~finite
     acc[3] = torch.maximum(acc[3], acc[2])
+
+
+def trained_minutes(state):
+    """Minutes of training steps so far (data loading, checkpoints, grids and KIDs not counted),
+    from a run's progress counters."""
+    return (sum(row["seconds"] for row in state["log"]) + state["epoch_seconds"]) / 60
 
 
 def quiet(*args, **kwargs):
@@ -76,7 +84,11 @@ class TrainingRun:
             compile=args.compile,
             distributed=ctx.active,
             sync_bn=args.sync_bn and ctx.active,
+            optimizer=args.optimizer,
+            weight_decay=args.weight_decay,
+            objective=dict(loss=args.loss, min_snr_gamma=args.min_snr_gamma),
         )
+        self.time_up = False
         kid_here = args.eval_every > 0 and ctx.is_main
         images = self.load_data(resumed, keep_images=kid_here)
         self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -112,7 +124,8 @@ class TrainingRun:
         """Set the batch source and the normalization -> the decoded images (or None).
 
         The fast path trains on the images decoded once; the literal path decodes every epoch and
-        needs them whole only for the statistics of --image-dir or the KID references."""
+        needs them whole only for their statistics (--image-dir, --norm-stats data) or the KID
+        references."""
         args, ctx, size = self.args, self.ctx, self.cfg["image_size"]
         origin = f"--image-dir {args.image_dir}" if args.image_dir else f"Flowers102 from {args.data_root}"
         self.log(f"loading images ({origin})")
@@ -120,7 +133,8 @@ class TrainingRun:
             data_root=args.data_root, image_dir=args.image_dir, download=args.download, limit=args.limit
         )
         images = None
-        if not args.literal or (args.image_dir and not resumed) or keep_images:
+        own_stats = (args.image_dir or args.norm_stats == "data") and not resumed
+        if not args.literal or own_stats or keep_images:
             images = load_images(size, **source, num_workers=args.num_workers, cache_dir=args.cache_dir)
         self.data = (
             JpegBatches(size, self.device, args.num_workers, **source)
@@ -129,12 +143,14 @@ class TrainingRun:
         )
         if resumed:
             self.mean, self.std = resumed["norm"]["mean"], resumed["norm"]["std"]
-        elif args.image_dir:  # the user's pictures: their own statistics
+        elif own_stats:  # the user's pictures, or --norm-stats data: the images' own statistics
             self.mean, self.std = compute_stats(images)
         else:
             self.mean, self.std = FLOWERS_MEAN, FLOWERS_STD
         self.n_images = len(self.data)
-        steps = len(distributed.shard(torch.arange(self.n_images), args.batch_size, ctx))
+        self.steps_per_epoch = steps = len(
+            distributed.shard(torch.arange(self.n_images), args.batch_size, ctx)
+        )
         if args.eval_every > 0 and self.n_images < 2:
             raise UserError("--eval-every needs at least 2 training images (KID compares two sets)")
         if steps == 0:
@@ -184,6 +200,18 @@ class TrainingRun:
     def save(self, name):
         """Write out_dir/name. Collective (every rank's RNG state is gathered); rank 0 writes."""
         ctx, run = self.ctx, self.training
+        weights = [
+            t
+            for t in (*run.model.state_dict().values(), *run.ema.state_dict().values())
+            if t.is_floating_point()
+        ]
+        if distributed.any_rank(
+            not torch.stack([t.isfinite().all() for t in weights]).all().item(), ctx, self.device
+        ):
+            raise UserError(
+                f"the weights are no longer finite in epoch {self.state['epoch'] + 1}: training diverged. "
+                "Nothing of it was saved (last.pt holds the state saved before); try a lower --lr"
+            )
         gen_states = [self.gen.get_state()]
         if ctx.active:
             gen_states = [None] * ctx.world_size
@@ -227,11 +255,13 @@ class TrainingRun:
         )
         # Under torchrun, asking every rank costs a device sync; every 10 steps keeps the queue full.
         check_every = 10 if ctx.active else 1
+        budget, spent = (args.max_minutes or math.inf) * 60, trained_minutes(state) * 60
         t0, steps_done = time.perf_counter(), 0
         for i, images in enumerate(bar):
+            self.set_lr((spent + time.perf_counter() - t0) / budget)
             x0 = to_model_space(images, self.mean, self.std, self.gen if args.flip else None)
-            # Like AveragedModel, the first update copies the weights; later ones average.
-            add_loss(acc, self.training.step(x0, self.gen, args.ema_decay if state["global_step"] else 0.0))
+            decay = ema_decay_at(state["global_step"], args.ema_decay, args.ema_warmup)
+            add_loss(acc, self.training.step(x0, self.gen, decay))
             state["global_step"] += 1
             state["epoch_steps"] += 1
             state["images_done"] += global_sizes[i]
@@ -241,16 +271,32 @@ class TrainingRun:
                 bar.set_postfix(
                     loss=f"{(state['epoch_loss_sum'] + total) / max(1, state['epoch_finite'] + count):.4f}"
                 )
-            if (i + 1) % check_every == 0 and distributed.any_rank(stop.requested, ctx, self.device):
+            self.time_up = spent + time.perf_counter() - t0 >= budget
+            if (i + 1) % check_every == 0 and distributed.any_rank(
+                stop.requested or self.time_up, ctx, self.device
+            ):
                 break
         state["epoch_seconds"] += time.perf_counter() - t0
         # Every rank adds the same means over the ranks, so all take the same decisions.
         total, count, _, longest_skip_run = acc.tolist()
         state["epoch_loss_sum"] += distributed.all_sum(total, ctx, self.device) / ctx.world_size
         state["epoch_finite"] += distributed.all_sum(count, ctx, self.device) / ctx.world_size
+        state["epoch_skipped"] += round(distributed.all_sum(steps_done - count, ctx, self.device))
         self.skipping = distributed.any_rank(longest_skip_run >= SKIPPED_IN_A_ROW, ctx, self.device)
+        self.time_up = distributed.any_rank(self.time_up, ctx, self.device)
         bar.close()
         return steps_done == len(batches)
+
+    def set_lr(self, time_fraction):
+        """The coming step's LR, where the warmup or a per-step schedule sets it (lr_factor);
+        cosine runs to the end of --max-minutes (time_fraction) if given, else of --epochs."""
+        args, step = self.args, self.state["global_step"]
+        if args.lr_schedule == "plateau" and step >= args.warmup_steps:
+            return  # ReduceLROnPlateau's, changed at epoch ends
+        progress = time_fraction if args.max_minutes else step / (args.epochs * self.steps_per_epoch)
+        lr = args.lr * lr_factor(args.lr_schedule, step, args.warmup_steps, args.lr_decay_steps, progress)
+        for group in self.training.opt.param_groups:
+            group["lr"] = lr
 
     def check_diverged(self, reached_end):
         """A one-line error, before anything of the epoch is saved, if training diverged: a
@@ -258,7 +304,7 @@ class TrainingRun:
         with fp16 loss scaling (which skips such steps) SKIPPED_IN_A_ROW skipped steps in a row,
         or an epoch without one finite loss."""
         state, epoch = self.state, self.state["epoch"] + 1
-        skipped = round(state["epoch_steps"] - state["epoch_finite"])
+        skipped = state["epoch_skipped"]
         scaled = self.training.scaler.is_enabled()
         none_finite = reached_end and state["epoch_finite"] == 0
         if (skipped and not scaled) or (scaled and (self.skipping or none_finite)):
@@ -268,6 +314,24 @@ class TrainingRun:
                 f"non-finite loss. Nothing of this epoch was saved (last.pt holds the state saved before); "
                 f"try {hint}"
             )
+
+    def halt_reason(self, interrupted):
+        """Why the run pauses after this part of an epoch, or "" if it goes on."""
+        if interrupted:
+            return "stopped"
+        return f"{self.args.max_minutes:g} minutes of training done" if self.time_up else ""
+
+    def resume_hint(self):
+        more = " and a larger --max-minutes" if self.time_up else ""
+        return f"resume with --resume {self.out_dir / 'last.pt'}{more}"
+
+    def log_done(self):
+        state = self.state
+        best_kid = "" if self.kid_probe is None else f", best KID {state['best_kid']:.4f}"
+        self.log(
+            f"done: {state['epoch']} epoch{'s' * (state['epoch'] != 1)}, best loss {state['best_loss']:.4f}"
+            f"{best_kid}; {trained_minutes(state):.1f} minutes of training; checkpoints in {self.out_dir}"
+        )
 
     def early_stopped(self):
         return self.state["bad_epochs"] >= self.args.early_stop
@@ -279,9 +343,10 @@ class TrainingRun:
         request skips the KID and the grid."""
         args, state, epoch = self.args, self.state, self.state["epoch"] + 1
         loss = state["epoch_loss_sum"] / state["epoch_finite"]  # the same on every rank
-        skipped = round(state["epoch_steps"] - state["epoch_finite"])
+        skipped = state["epoch_skipped"]
         lr = self.training.opt.param_groups[0]["lr"]  # this epoch's; the schedule may lower it now
-        self.sched.step(loss)
+        if args.lr_schedule == "plateau":
+            self.sched.step(loss)
         loss_improved = loss < state["best_loss"]
         state["best_loss"] = min(loss, state["best_loss"])
         state["bad_epochs"] = 0 if loss_improved else state["bad_epochs"] + 1
@@ -319,7 +384,9 @@ class TrainingRun:
             kid=None,
         )
         state["log"].append(row)
-        state.update(epoch=epoch, images_done=0, epoch_steps=0, epoch_finite=0.0, epoch_loss_sum=0.0)
+        state.update(
+            epoch=epoch, images_done=0, epoch_steps=0, epoch_finite=0.0, epoch_skipped=0, epoch_loss_sum=0.0
+        )
         state.update(epoch_seconds=0.0)
         return row
 

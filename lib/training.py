@@ -2,6 +2,7 @@
 EMA copy, Adam and the loss scaler. sd_train.py runs it in its loop; the benchmark times it."""
 
 import copy
+import math
 import warnings
 
 import torch
@@ -19,27 +20,71 @@ def ema_update(ema_params, params, ema_buffers, buffers, decay):
     torch._foreach_copy_(ema_buffers, buffers)
 
 
+def ema_decay_at(step, decay, warmup=False):
+    """The EMA's decay at optimisation step `step` (0-based). The original copies the weights at the
+    first update, then averages with `decay`, so for ~1/(1 - decay) steps the average still holds
+    the random initial weights. With warmup the decay grows as min(decay, (1 + n) / (10 + n)) (the
+    num_updates rule of TensorFlow's ExponentialMovingAverage): an average over about the last
+    tenth of the steps so far, until it reaches `decay`."""
+    if warmup:
+        return min(decay, (1 + step) / (10 + step))
+    return decay if step else 0.0
+
+
+def lr_factor(schedule, step, warmup_steps=0, decay_steps=1, progress=0.0):
+    """The LR multiplier at step `step` (0-based): a linear warmup over warmup_steps, times
+    "constant" 1, "rsqrt" min(1, sqrt(decay_steps / step)) (the inverse-square-root decay of
+    EDM2, Karras et al. 2024), or "cosine" 0.5 (1 + cos(pi progress)), with progress in [0, 1]
+    the fraction of the run done. ("plateau" is the original's epoch-wise ReduceLROnPlateau:
+    1 here, after the warmup.)"""
+    factor = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    if schedule == "rsqrt":
+        factor *= min(1.0, math.sqrt(decay_steps / max(step, 1)))
+    elif schedule == "cosine":
+        factor *= 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    return factor
+
+
 class Training:
     """What one optimisation step touches (network, EMA copy, Adam, grad scaler) and the step.
 
     Fast path: channels_last tensors (the layout oneDNN and cuDNN convolutions prefer), the fused
     network formulation, no-op loss scaling switched off, fused Adam (one kernel for all
     parameters, not a few per tensor), optional torch.compile. literal=True is the original's:
-    NCHW, literal network, a GradScaler always.
+    NCHW, literal network, a GradScaler always. `objective`: training_loss's options (loss,
+    min_snr_gamma); optimizer "adam" (the original's) or "adamw" with decoupled weight decay
+    (Loshchilov & Hutter 2019).
     """
 
     def __init__(
-        self, cfg, device, precision, lr, literal=False, compile=False, distributed=False, sync_bn=False
+        self,
+        cfg,
+        device,
+        precision,
+        lr,
+        literal=False,
+        compile=False,
+        distributed=False,
+        sync_bn=False,
+        optimizer="adam",
+        weight_decay=0.0,
+        objective=None,
     ):
-        self.device, self.precision = device, precision
+        self.device, self.precision, self.objective = device, precision, objective or {}
         self.memory_format = torch.contiguous_format if literal else torch.channels_last
         self.model = build_unet(cfg, literal=literal).to(device, memory_format=self.memory_format)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         if sync_bn:  # batch statistics over the global batch instead of each process's shard
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.opt = torch.optim.Adam(
-            self.model.parameters(), lr=lr, fused=device.type in ("cuda", "cpu") and not literal
-        )
+        fused = device.type in ("cuda", "cpu") and not literal
+        if optimizer == "adamw":
+            self.opt = torch.optim.AdamW(
+                self.model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused
+            )
+        else:
+            self.opt = torch.optim.Adam(
+                self.model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused
+            )
         # Loss scaling only matters for fp16 (bf16 has fp32's exponent range); the original always scales.
         self.scaler = torch.amp.GradScaler(device.type, enabled=literal or precision == "fp16")
         self._ema_pairs = (
@@ -60,12 +105,24 @@ class Training:
             self.step_model = torch.compile(self.step_model)
 
     def step(self, x0, generator, ema_decay):
-        """One Adam step on the noise-prediction loss of x0 (B, 3, S, S) -> the loss (detached)."""
+        """One Adam step on the noise-prediction loss of x0 (B, 3, S, S) -> the loss (detached).
+
+        Under loss scaling a step whose loss overflowed is skipped by the scaler; its forward pass
+        has already moved BatchNorm's running statistics, which are then put back (a NaN there
+        would reach the EMA copy and stay), without waiting for the device."""
+        buffers = self._ema_pairs[3] if self.scaler.is_enabled() else []
+        before = [b.clone() for b in buffers]
         with autocast(self.device, self.precision):
-            loss = training_loss(self.step_model, x0.contiguous(memory_format=self.memory_format), generator)
+            x0 = x0.contiguous(memory_format=self.memory_format)
+            loss = training_loss(self.step_model, x0, generator, **self.objective)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)
         self.scaler.update()
+        if buffers:
+            finite = torch.isfinite(loss.detach())
+            torch._foreach_copy_(
+                buffers, [torch.where(finite, b, old) for b, old in zip(buffers, before, strict=True)]
+            )
         ema_update(*self._ema_pairs, ema_decay)
         return loss.detach()

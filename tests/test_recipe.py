@@ -1,0 +1,140 @@
+"""Training recipes: each option's maths against its closed form, --recipe original as the
+original's loop bit for bit, --max-minutes, and the recipe flags' plumbing."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import sd_train
+from conftest import run_args
+from lib.data import epoch_order, load_images
+from lib.diffusion import diffusion_schedule, min_snr_weight, training_loss
+from lib.normalization import FLOWERS_MEAN, FLOWERS_STD, to_model_space
+from lib.training import ema_decay_at, ema_update, lr_factor
+from lib.unet import build_unet, model_config
+
+
+def test_min_snr_weights_at_known_snrs():
+    snr = torch.tensor([0.25, 1.0, 5.0, 25.0])
+    signal_rate = (snr / (1 + snr)).sqrt()  # signal^2 + noise^2 = 1, SNR = signal^2 / noise^2
+    noise_rate = (1 / (1 + snr)).sqrt()
+    torch.testing.assert_close(
+        min_snr_weight(noise_rate, signal_rate, 5.0), torch.tensor([1.0, 1.0, 1.0, 0.2])
+    )
+
+
+def test_weighted_l2_loss_is_the_weighted_mean_of_per_image_errors():
+    def half(x, v):  # a fixed, imperfect noise predictor
+        return 0.5 * x
+
+    x0 = torch.randn(6, 3, 4, 4)
+    loss = training_loss(half, x0, torch.Generator().manual_seed(0), loss="l2", min_snr_gamma=5.0)
+    g = torch.Generator().manual_seed(0)  # the same draws: times, then noise
+    t, eps = torch.rand(6, 1, 1, 1, generator=g), torch.randn(x0.shape, generator=g)
+    n, s = diffusion_schedule(t)
+    per_image = (half(s * x0 + n * eps, None) - eps).square().mean(dim=(1, 2, 3))
+    torch.testing.assert_close(loss, (per_image * min_snr_weight(n, s, 5.0).flatten()).mean())
+    # the default is still the original's: L1 over all pixels
+    a = training_loss(half, x0, torch.Generator().manual_seed(0))
+    b = training_loss(half, x0, torch.Generator().manual_seed(0), loss="l1", min_snr_gamma=0.0)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, (half(s * x0 + n * eps, None) - eps).abs().mean())
+
+
+def test_ema_warmup_decay():
+    assert [ema_decay_at(n, 0.999) for n in (0, 1, 500)] == [
+        0.0,
+        0.999,
+        0.999,
+    ]  # the original: copy, then 0.999
+    assert ema_decay_at(0, 0.999, warmup=True) == pytest.approx(0.1)
+    assert ema_decay_at(10, 0.999, warmup=True) == pytest.approx(11 / 20)
+    assert ema_decay_at(100_000, 0.999, warmup=True) == 0.999  # capped at the decay
+
+
+def test_lr_schedules():
+    assert [lr_factor("constant", n, warmup_steps=4) for n in (0, 1, 3, 100)] == [0.25, 0.5, 1.0, 1.0]
+    assert lr_factor("rsqrt", 100, decay_steps=400) == 1.0  # before the decay starts
+    assert lr_factor("rsqrt", 1600, decay_steps=400) == pytest.approx(0.5)  # 1 / sqrt(4)
+    assert lr_factor("cosine", 7, progress=0.0) == 1.0
+    assert lr_factor("cosine", 7, progress=0.5) == pytest.approx(0.5)
+    assert lr_factor("cosine", 7, progress=1.0) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor("plateau", 7, warmup_steps=2) == 1.0  # after the warmup the plateau schedule rules
+
+
+def test_original_recipe_is_the_original_training_loop_bit_for_bit(data_root, tmp_path):
+    """One epoch of `sd_train.py --recipe original` (fp32) against the original's loop written out
+    with the library's primitives: Adam 3e-4, L1 on the noise, EMA copied then 0.999."""
+    assert sd_train.main(run_args(data_root, tmp_path, "--epochs", "1", "--precision", "fp32")) == 0
+    torch.manual_seed(0)
+    model = build_unet(model_config("flowers64", 32)).to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-4, fused=True)
+    images, gen = load_images(32, data_root, limit=64), torch.Generator().manual_seed(0)
+    for step, idx in enumerate(epoch_order(64, 0, seed=0).split(16)):
+        x0 = to_model_space(images[idx], FLOWERS_MEAN, FLOWERS_STD, gen)  # run_args flips
+        loss = training_loss(model, x0.contiguous(memory_format=torch.channels_last), gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        pairs = list(ema.parameters()), list(model.parameters()), list(ema.buffers()), list(model.buffers())
+        ema_update(*pairs, 0.999 if step else 0.0)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    for key, value in ema.state_dict().items():
+        assert torch.equal(ckpt["ema"][key], value), key
+    for key, value in model.state_dict().items():
+        assert torch.equal(ckpt["train"]["model"][key], value), key
+
+
+def test_max_minutes_stops_saves_and_resumes(data_root, tmp_path, capsys):
+    argv = run_args(data_root, tmp_path, "--epochs", "50", "--max-minutes", "0.002", batch_size=4)
+    assert sd_train.main(argv) == 0  # a time budget reached is a success, not a stop signal
+    out = capsys.readouterr().out
+    assert "0.002 minutes of training done" in out and "a larger --max-minutes" in out
+    state = torch.load(tmp_path / "last.pt", weights_only=True)["train"]
+    minutes = (sum(r["seconds"] for r in state["log"]) + state["epoch_seconds"]) / 60
+    assert 0.002 <= minutes < 0.5 and state["epoch"] < 50
+    assert sd_train.main(["--resume", str(tmp_path / "last.pt")]) == 2  # the budget is spent
+    assert "pass a larger --max-minutes" in capsys.readouterr().err
+    assert sd_train.main(["--resume", str(tmp_path / "last.pt"), "--max-minutes", "0.004"]) == 0
+    later = torch.load(tmp_path / "last.pt", weights_only=True)["train"]
+    assert later["global_step"] > state["global_step"]
+
+
+def test_improved_recipe_sets_its_options_and_flags_override_them(data_root, tmp_path):
+    argv = run_args(data_root, tmp_path, "--epochs", "1", "--recipe", "improved", "--lr", "5e-4")
+    assert sd_train.main(argv) == 0
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    args = ckpt["train"]["args"]
+    expected = {**sd_train.RECIPES["improved"], "lr": 5e-4, "flip": True}  # run_args passes --flip
+    assert {key: args[key] for key in expected} == expected
+    assert ckpt["norm"]["mean"] != list(FLOWERS_MEAN) and ckpt["norm"]["std"] != list(FLOWERS_STD)
+    assert ckpt["norm"]["std"][0] > FLOWERS_STD[0]  # the data's true spread is wider than the original's
+    assert math.isfinite(ckpt["train"]["best_loss"])
+    assert (
+        sd_train.main(["--resume", str(tmp_path / "last.pt"), "--epochs", "2", "--recipe", "original"]) == 2
+    )
+
+
+def exit_status(argv):
+    try:
+        return sd_train.main(argv)
+    except SystemExit as e:  # argparse's own checks (choices)
+        return e.code
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-minutes", "-1"], "--max-minutes must be > 0"),
+        (["--recipe", "fastest"], "invalid choice: 'fastest'"),
+        (["--warmup-steps", "-5"], "--warmup-steps must be >= 0"),
+        (["--min-snr-gamma", "-1"], "--min-snr-gamma must be >= 0"),
+    ],
+)
+def test_bad_recipe_values_are_one_line(data_root, tmp_path, capsys, flags, message):
+    assert exit_status(run_args(data_root, tmp_path, *flags)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err
