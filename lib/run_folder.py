@@ -83,6 +83,15 @@ def lock_run_folder(folder):
     return f
 
 
+def read_log(out_dir):
+    """The rows of a run's training_log.csv (dicts of strings; empty ones for no value), or []."""
+    path = Path(out_dir) / "training_log.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def write_log(out_dir, rows, eval_steps):
     """Rewrite the CSV log, the loss curve and (once there is one) the KID curve."""
     with open(out_dir / "training_log.csv", "w", newline="") as f:
