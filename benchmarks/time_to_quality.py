@@ -92,11 +92,12 @@ def run(args):
     for name, flags in runs:
         train(name, flags, args)
     draw([name for name, _ in runs], args)
-    for name, _ in runs if args.final_eval else []:
+    for i, (name, _) in enumerate(runs if args.final_eval else []):
         print(f"{name}: final scores", flush=True)
         checkpoint = str(Path(args.out_dir) / name / "last.pt")
+        floor = ["--floor"] if i == 0 else []  # real against real: the same for every run
         sd_eval.main(
-            ["--checkpoint", checkpoint, "--data-root", args.data_root, "--cache-dir", args.cache_dir]
+            ["--checkpoint", checkpoint, "--data-root", args.data_root, "--cache-dir", args.cache_dir, *floor]
         )
 
 
