@@ -200,11 +200,8 @@ class TrainingRun:
     def save(self, name):
         """Write out_dir/name. Collective (every rank's RNG state is gathered); rank 0 writes."""
         ctx, run = self.ctx, self.training
-        weights = [
-            t
-            for t in (*run.model.state_dict().values(), *run.ema.state_dict().values())
-            if t.is_floating_point()
-        ]
+        model_state, ema_state = run.model.state_dict(), run.ema.state_dict()
+        weights = [t for t in (*model_state.values(), *ema_state.values()) if t.is_floating_point()]
         if distributed.any_rank(
             not torch.stack([t.isfinite().all() for t in weights]).all().item(), ctx, self.device
         ):
@@ -222,14 +219,14 @@ class TrainingRun:
             self.state,
             run_id=self.run_id,
             args=vars(self.args),
-            model=run.model.state_dict(),
+            model=model_state,
             optimizer=run.opt.state_dict(),
             scheduler=self.sched.state_dict(),
             scaler=run.scaler.state_dict(),
             world_size=ctx.world_size,
             rng={"torch": torch.get_rng_state(), "device": gen_states},
         )
-        ckpt = make_checkpoint(self.cfg, self.mean, self.std, run.ema.state_dict(), train_state)
+        ckpt = make_checkpoint(self.cfg, self.mean, self.std, ema_state, train_state)
         atomic_save(ckpt, self.out_dir / name)
 
     def train_epoch(self, stop):
