@@ -11,7 +11,8 @@ import time_to_quality
 
 
 def test_two_recipes_for_the_same_minutes_then_the_figure(data_root, tmp_path, capsys):
-    tiny = "--image-size 32 --limit 64 --batch-size 16 --num-workers 0 --eval-samples 4 --eval-steps 1"
+    # one step an epoch: whenever the budget runs out, at least one epoch (and its probe) is done
+    tiny = "--image-size 32 --limit 16 --batch-size 16 --num-workers 0 --eval-samples 4 --eval-steps 1"
     argv = ["--data-root", str(data_root), "--minutes", "0.003", "--eval-every", "1"]
     argv += ["--out-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache")]
     argv += ["--figure", str(tmp_path / "ttq.png")]
