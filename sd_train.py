@@ -184,6 +184,13 @@ def add_output_args(p):
         help="allow replacing the checkpoints of another (or a further advanced) run in --out-dir",
     )
     p.add_argument(
+        "--save-every",
+        type=int,
+        default=1,
+        help="write last.pt (and best.pt, the best of the epochs written) every N epochs and at the end; "
+        "more than 1 where an epoch takes seconds (a GPU) and a checkpoint a second to write",
+    )
+    p.add_argument(
         "--sample-every", type=int, default=10, help="a sample grid every N epochs (and at 1 and the last)"
     )
     p.add_argument("--num-samples", type=int, default=8, help="images in each sample grid")
@@ -272,7 +279,7 @@ def absolute_paths(args):
 
 def check_args(args, ctx, device):
     """One-line errors for values no run can use."""
-    check_at_least(args, epochs=1, batch_size=1, sample_every=1, num_samples=1, sample_steps=1)
+    check_at_least(args, epochs=1, batch_size=1, save_every=1, sample_every=1, num_samples=1, sample_steps=1)
     check_at_least(args, num_workers=0, early_stop=1, lr_patience=0, min_lr=0.0)
     check_at_least(args, eval_every=0, eval_samples=2, eval_steps=1)
     check_at_least(args, weight_decay=0.0, warmup_steps=0, lr_decay_steps=1, min_snr_gamma=0.0)

@@ -335,9 +335,9 @@ class TrainingRun:
 
     def end_epoch(self, interrupted):
         """After an epoch's last step: the LR schedule and early-stop count follow the epoch's loss
-        (as the original); last.pt is written before the KID and the sample grid, whose failure
-        (out of memory, say) then loses nothing; then best.pt if --best-by improved. A stop
-        request skips the KID and the grid."""
+        (as the original); last.pt is written (every --save-every epochs) before the KID and the
+        sample grid, whose failure (out of memory, say) then loses nothing; then best.pt if --best-by
+        improved. A stop request skips the KID and the grid."""
         args, state, epoch = self.args, self.state, self.state["epoch"] + 1
         loss = state["epoch_loss_sum"] / state["epoch_finite"]  # the same on every rank
         skipped = state["epoch_skipped"]
@@ -349,8 +349,11 @@ class TrainingRun:
         state["bad_epochs"] = 0 if loss_improved else state["bad_epochs"] + 1
         final = epoch == args.epochs or self.early_stopped()
         row = self.close_epoch(epoch, loss, lr)
-        self.save("last.pt")
         kid_due = args.eval_every > 0 and not interrupted and (epoch % args.eval_every == 0 or final)
+        # A stop (signal or time budget) ends the run after this epoch: it is always written.
+        save_due = epoch % args.save_every == 0 or final or interrupted or self.time_up or kid_due
+        if save_due:
+            self.save("last.pt")
         kid = None  # rank 0 measures it; the other ranks do not need it for any decision
         if kid_due and self.kid_probe is not None:
             with self.after_save("the KID probe", epoch):
@@ -363,7 +366,7 @@ class TrainingRun:
         self.report(row, skipped, improved)
         if kid_due:  # last.pt again, now with the KID in its log
             self.save("last.pt")
-        if improved:
+        if improved and save_due:
             self.save("best.pt")
         if self.ctx.is_main and not interrupted and (epoch == 1 or epoch % args.sample_every == 0 or final):
             with self.after_save("the sample grid", epoch):

@@ -20,6 +20,9 @@ PRESETS = {
     "sd128": dict(image_size=128, widths=(64, 128, 256, 512, 1024), embedding_dim=64, block_depth=2),
     # A small model that trains on a laptop CPU: 64x64, three down levels (64 -> 8), 1,713,059 parameters.
     "flowers64": dict(image_size=64, widths=(32, 64, 96, 128), embedding_dim=32, block_depth=2),
+    # The original's four down levels at a quarter of its parameters (16,329,347; its widths halved):
+    # 128 px trained on one GPU in minutes, 33 MB in fp16, small enough to ship in the repo.
+    "flowers128": dict(image_size=128, widths=(32, 64, 128, 256, 512), embedding_dim=32, block_depth=2),
 }
 
 

@@ -69,6 +69,24 @@ def test_a_short_run_writes_every_output(data_root, tmp_path):
     assert ckpt["config"]["image_size"] == 32 and ckpt["train"]["epoch"] == 2
 
 
+def test_save_every_writes_every_nth_epoch_and_the_last(data_root, tmp_path, monkeypatch):
+    from lib.trainer import TrainingRun
+
+    written, save = [], TrainingRun.save
+    monkeypatch.setattr(TrainingRun, "save", lambda run, name: written.append((run.state["epoch"], name)))
+    assert sd_train.main(run_args(data_root, tmp_path, "--epochs", "5", "--save-every", "2")) == 0
+    assert [e for e, name in written if name == "last.pt"] == [2, 4, 5]
+    assert {e for e, name in written if name == "best.pt"} <= {2, 4, 5}
+    # a stop request between saves still writes the epoch it ends with
+    written.clear()
+    monkeypatch.setattr(TrainingRun, "save", save)
+    args, _ = sd_train.resolve_args(
+        run_args(data_root, tmp_path / "stop", "--epochs", "5", "--save-every", "4")
+    )
+    sd_train.train(args, None, StopAfter(5))  # asked after each of the 4 steps, then at the end of epoch 1
+    assert torch.load(tmp_path / "stop" / "last.pt", weights_only=True)["train"]["epoch"] == 1
+
+
 def test_literal_path_trains_and_its_checkpoint_samples_on_the_fast_path(data_root, tmp_path):
     assert (
         sd_train.main(run_args(data_root, tmp_path, "--epochs", "1", "--literal", "--num-workers", "2")) == 0

@@ -4,7 +4,9 @@ import torch
 from lib.unet import PRESETS, UNet, build_unet, count_parameters, model_config, sinusoidal_embedding
 
 
-@pytest.mark.parametrize("preset,params", [("sd128", 65_289_475), ("flowers64", 1_713_059)])
+@pytest.mark.parametrize(
+    "preset,params", [("sd128", 65_289_475), ("flowers64", 1_713_059), ("flowers128", 16_329_347)]
+)
 def test_exact_parameter_counts(preset, params):
     assert count_parameters(build_unet(model_config(preset))) == params
 
