@@ -20,6 +20,7 @@ from lib.data import load_images
 from lib.metrics import EXTRACTORS, build_extractor, extract_features, fid, kid, reference_features, to_uint8
 from lib.runtime import add_device_args, setup
 from lib.sample import generate, initial_noise
+from lib.samplers import add_sampler_args, check_sampler_args
 
 
 def get_parser():
@@ -28,8 +29,7 @@ def get_parser():
     src.add_argument("--checkpoint", default=None, help="generate samples from this checkpoint")
     src.add_argument("--samples-dir", default=None, help="score the images in this folder instead")
     p.add_argument("--num-samples", type=int, default=1000, help="samples generated and scored")
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    add_sampler_args(p)
     p.add_argument("--seed", type=int, default=0, help="of the sample noise and the KID subsets")
     p.add_argument(
         "--image-size",
@@ -90,10 +90,9 @@ def check_args(args):
         raise UserError("--checkpoint and --samples-dir are two things to score: choose one")
     if args.checkpoint is None and args.samples_dir is None and not args.floor:
         raise UserError("give --checkpoint or --samples-dir (or --floor alone)")
-    check_at_least(args, num_samples=2, steps=1, batch_size=1, kid_subsets=1, kid_subset_size=2)
+    check_at_least(args, num_samples=2, batch_size=1, kid_subsets=1, kid_subset_size=2)
     check_at_least(args, num_workers=0, image_size=1)
-    if not 0.0 <= args.eta <= 1.0:
-        raise UserError(f"--eta must be in [0, 1], got {args.eta}")
+    check_sampler_args(args)
 
 
 def sample(model, ckpt, args, precision):
@@ -111,9 +110,11 @@ def sample(model, ckpt, args, precision):
         seed=args.seed,
         precision=precision,
         batch_size=args.batch_size,
+        sampler=args.sampler,
     )
     seconds = time.perf_counter() - t0
-    print(f"generated {len(images)} samples ({args.steps} steps, eta {args.eta}) in {seconds:.0f}s")
+    how = f"{args.sampler}, {args.steps} evaluations" + (f", eta {args.eta}" if args.eta else "")
+    print(f"generated {len(images)} samples ({how}) in {seconds:.0f}s")
     return to_uint8(images)
 
 

@@ -22,6 +22,7 @@ from lib.cli import ArgumentParser, UserError, check_at_least, run_cli
 from lib.data import load_image
 from lib.runtime import add_device_args, setup
 from lib.sample import generate, initial_noise, interpolation_noise, sketch_to_image
+from lib.samplers import add_sampler_args, check_sampler_args
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "models" / "flowers64.pt"
 MAX_PANELS = 32  # a screenful: a figure of more pictures is too large to open or read
@@ -41,10 +42,7 @@ def get_parser():
         default=None,
         help="default 8 (--init-image: 1 result, each more from other noise; --interpolate: 8 frames)",
     )
-    p.add_argument("--steps", type=int, default=20, help="DDIM sampling steps")
-    p.add_argument(
-        "--eta", type=float, default=0.0, help="0: deterministic DDIM (the original); 1: DDPM-like"
-    )
+    add_sampler_args(p)
     p.add_argument("--seed", type=int, default=0, help="same seed, same images")
     p.add_argument("--image-size", type=int, default=None, help="override the checkpoint's image size")
     add_device_args(p, "fp32 reproduces the original exactly")
@@ -97,13 +95,12 @@ def check_args(args):
         raise UserError("--init-image and --interpolate are two different pictures: choose one")
     if args.num_images is None:
         args.num_images = 1 if args.init_image else 8
-    check_at_least(args, num_images=1, steps=1, batch_size=1)
+    check_at_least(args, num_images=1, batch_size=1)
+    check_sampler_args(args)
     if args.interpolate and args.num_images < 2:
         raise UserError("--interpolate needs --num-images >= 2")
     if args.interpolate and args.eta != 0:  # fresh noise at every step would break the smooth path
-        raise UserError("--interpolate runs deterministic DDIM: leave --eta at 0")
-    if not 0.0 <= args.eta <= 1.0:
-        raise UserError(f"--eta must be in [0, 1], got {args.eta}")
+        raise UserError("--interpolate needs a deterministic sampler: leave --eta at 0")
     if args.init_image and not 0.0 < args.strength <= 1.0:
         raise UserError(f"--strength must be in (0, 1], got {args.strength}")
 
@@ -143,7 +140,16 @@ def sketch(model, ckpt, drawing, args, precision):
     mean, std = ckpt["norm"]["mean"], ckpt["norm"]["std"]
     rows = [
         sketch_to_image(
-            model, drawing, mean, std, args.strength, args.steps, args.eta, args.seed + i, precision
+            model,
+            drawing,
+            mean,
+            std,
+            args.strength,
+            args.steps,
+            args.eta,
+            args.seed + i,
+            precision,
+            args.sampler,
         )
         for i in range(args.num_images)
     ]
@@ -173,6 +179,7 @@ def paint(model, ckpt, args, precision):
         seed=args.seed,
         precision=precision,
         batch_size=args.batch_size,
+        sampler=args.sampler,
     )
     return images, images, fig_args
 

@@ -21,6 +21,7 @@ from lib.checkpoint import read_checkpoint
 from lib.cli import ArgumentParser, StopRequest, UserError, check_at_least, run_cli
 from lib.run_folder import check_out_dir, lock_run_folder
 from lib.runtime import add_device_args, literal_precision, setup, tune_for_training
+from lib.samplers import MIN_EVALUATIONS, SAMPLERS
 from lib.trainer import TrainingRun, trained_minutes
 from lib.unet import PRESETS, build_unet, count_parameters, model_config
 
@@ -194,7 +195,13 @@ def add_output_args(p):
         "--sample-every", type=int, default=10, help="a sample grid every N epochs (and at 1 and the last)"
     )
     p.add_argument("--num-samples", type=int, default=8, help="images in each sample grid")
-    p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of the sample grids")
+    p.add_argument("--sample-steps", type=int, default=20, help="network evaluations of the sample grids")
+    p.add_argument(
+        "--sampler",
+        default="ddim",
+        choices=SAMPLERS,
+        help="of the sample grids and the KID probe (ddim: the original's; README: Samplers)",
+    )
     p.add_argument(
         "--eval-every",
         type=int,
@@ -202,7 +209,7 @@ def add_output_args(p):
         help="a KID [efficientnet-lite0] of EMA samples every N epochs; 0: never",
     )
     p.add_argument("--eval-samples", type=int, default=500, help="samples of each KID")
-    p.add_argument("--eval-steps", type=int, default=5, help="DDIM steps of the KID samples")
+    p.add_argument("--eval-steps", type=int, default=5, help="network evaluations of the KID samples")
     p.add_argument("--best-by", default="loss", choices=["loss", "kid"], help="what makes best.pt the best")
 
 
@@ -282,6 +289,9 @@ def check_args(args, ctx, device):
     check_at_least(args, epochs=1, batch_size=1, save_every=1, sample_every=1, num_samples=1, sample_steps=1)
     check_at_least(args, num_workers=0, early_stop=1, lr_patience=0, min_lr=0.0)
     check_at_least(args, eval_every=0, eval_samples=2, eval_steps=1)
+    need = MIN_EVALUATIONS[args.sampler]
+    if min(args.sample_steps, args.eval_steps) < need:
+        raise UserError(f"--sample-steps and --eval-steps must be >= {need} for --sampler {args.sampler}")
     check_at_least(args, weight_decay=0.0, warmup_steps=0, lr_decay_steps=1, min_snr_gamma=0.0)
     if not args.lr > 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")

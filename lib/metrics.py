@@ -207,8 +207,10 @@ class KidProbe:
         precision="fp32",
         device="cpu",
         cache_dir=None,
+        sampler="ddim",
     ):
         self.extractor = EfficientNetLite0()
+        self.sampler = sampler
         self.device, self.precision, self.steps, self.seed = device, precision, steps, seed
         self.mean, self.std = mean, std
         self.real = reference_features(self.extractor, real_images, cache_dir, device)
@@ -217,7 +219,14 @@ class KidProbe:
     def __call__(self, model):
         fake = to_uint8(
             generate(
-                model, self.noise, self.mean, self.std, self.steps, seed=self.seed, precision=self.precision
+                model,
+                self.noise,
+                self.mean,
+                self.std,
+                self.steps,
+                seed=self.seed,
+                precision=self.precision,
+                sampler=self.sampler,
             )
         )
         return kid(self.real, extract_features(self.extractor, fake, device=self.device), seed=self.seed)[0]

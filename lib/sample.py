@@ -1,10 +1,11 @@
-"""Turn a trained network into pictures: seeded noise (or a noised drawing) -> DDIM -> images in [0, 1]."""
+"""Turn a trained network into pictures: seeded noise (or a noised drawing) -> sampler -> images in [0, 1]."""
 
 import torch
 
-from lib.diffusion import add_noise, ddim_sample
+from lib.diffusion import add_noise
 from lib.normalization import to_image_space, to_model_space
 from lib.runtime import autocast
+from lib.samplers import MIN_EVALUATIONS, sample
 
 
 def initial_noise(num_images, image_size, seed):
@@ -16,12 +17,24 @@ def initial_noise(num_images, image_size, seed):
 
 @torch.inference_mode()
 def generate(
-    model, noise, mean, std, steps=20, eta=0.0, seed=0, precision="fp32", batch_size=64, t_start=1.0
+    model,
+    noise,
+    mean,
+    std,
+    steps=20,
+    eta=0.0,
+    seed=0,
+    precision="fp32",
+    batch_size=64,
+    t_start=1.0,
+    sampler="ddim",
+    spacing=None,
 ):
     """noise: (N, 3, S, S) on the CPU, the state at t_start -> (N, 3, S, S) float images in
     [0, 1] on the CPU.
 
     The model must be in eval mode (BatchNorm running statistics). Large N runs in batches.
+    sampler, steps (network evaluations), eta and spacing: lib/samplers.py's sample().
     `seed` drives the fresh noise of eta > 0: one generator for the whole call, on the model's
     device, seeded apart from initial_noise's stream (else its first draw would repeat the
     starting noise). With eta > 0 the images therefore also depend on the device and batch_size.
@@ -33,7 +46,7 @@ def generate(
     for chunk in noise.split(batch_size):
         x = chunk.to(device).contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
-            x0 = ddim_sample(model, x, steps=steps, eta=eta, generator=g, t_start=t_start)
+            x0 = sample(sampler, model, x, steps, eta, g, t_start, spacing=spacing)
         out.append(to_image_space(x0, mean, std).cpu())
     return torch.cat(out)
 
@@ -59,12 +72,15 @@ def interpolation_noise(image_size, seed, frames):
 
 
 @torch.inference_mode()
-def sketch_to_image(model, images, mean, std, strength=0.6, steps=20, eta=0.0, seed=0, precision="fp32"):
+def sketch_to_image(
+    model, images, mean, std, strength=0.6, steps=20, eta=0.0, seed=0, precision="fp32", sampler="ddim"
+):
     """SDEdit (Meng et al. 2022): noise uint8 images (N, 3, S, S) to t = strength, denoise from
     there. -> (noisy images, results), both float in [0, 1] on the CPU. strength 1 starts from
     t = 1, where 2% of the signal (the schedule's floor) is still the picture's: nearly plain
     sampling; near 0 the input comes back nearly unchanged. The sampler takes
-    round(strength * steps) steps, so the steps are about as long as in plain sampling."""
+    round(strength * steps) evaluations (at least the sampler's minimum), so the steps are about
+    as long as in plain sampling."""
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     eps = initial_noise(images.shape[0], images.shape[-1], seed)
@@ -74,10 +90,11 @@ def sketch_to_image(model, images, mean, std, strength=0.6, steps=20, eta=0.0, s
         x_t,
         mean,
         std,
-        steps=max(1, round(strength * steps)),
+        steps=max(MIN_EVALUATIONS[sampler], round(strength * steps)),
         eta=eta,
         seed=seed,
         precision=precision,
         t_start=strength,
+        sampler=sampler,
     )
     return to_image_space(x_t, mean, std), results

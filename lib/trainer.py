@@ -118,6 +118,7 @@ class TrainingRun:
                 precision,
                 device,
                 args.cache_dir,
+                args.sampler,
             )
 
     def load_data(self, resumed, keep_images):
@@ -425,5 +426,6 @@ class TrainingRun:
             steps=self.args.sample_steps,
             seed=self.args.seed,
             precision=self.training.precision,
+            sampler=self.args.sampler,
         )
         save_image(grid, self.out_dir / f"epoch_{epoch}.png", nrow=4)

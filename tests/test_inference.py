@@ -32,6 +32,24 @@ def test_writes_the_figure_and_one_png_per_image(tmp_path, capsys):
     assert all(Image.open(f).size == (32, 32) for f in files)  # the checkpoint's image size
 
 
+def test_an_unknown_sampler_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as stop:  # argparse's choices
+        sd_inference.main(["--sampler", "euler"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "invalid choice: 'euler'" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("sampler", ["dpm++2m", "heun"])
+def test_second_order_samplers_paint_sketch_and_interpolate(tmp_path, sampler):
+    tiny_checkpoint(tmp_path / "m.pt")
+    Image.new("RGB", (40, 30), (200, 30, 60)).save(tmp_path / "drawing.png")
+    common = ["--checkpoint", str(tmp_path / "m.pt"), "--sampler", sampler, "--steps", "3", "--no-show"]
+    for extra in ([], ["--init-image", str(tmp_path / "drawing.png")], ["--interpolate"]):
+        out = tmp_path / f"fig{len(extra)}.png"
+        assert sd_inference.main([*common, *extra, "--out", str(out), "--save-dir", str(tmp_path / "s")]) == 0
+        assert out.is_file()
+
+
 def test_same_seed_same_images_other_seed_other_images(tmp_path):
     tiny_checkpoint(tmp_path / "m.pt")
 
@@ -103,6 +121,9 @@ def test_missing_default_model_says_how_to_train_one(tmp_path, monkeypatch, caps
         (["--checkpoint", "CKPT", "--num-images", "0"], "--num-images must be >= 1"),
         (["--checkpoint", "CKPT", "--eta", "2"], "--eta must be in [0, 1]"),
         (["--checkpoint", "CKPT", "--interpolate", "--eta", "0.5"], "leave --eta at 0"),
+        (["--checkpoint", "CKPT", "--steps", "0"], "--steps must be >= 1 for ddim"),
+        (["--checkpoint", "CKPT", "--sampler", "heun", "--steps", "2"], "--steps must be >= 3 for heun"),
+        (["--checkpoint", "CKPT", "--sampler", "dpm++2m", "--eta", "1"], "--eta applies to ddim only"),
         (
             ["--checkpoint", "CKPT", "--image-size", "30"],
             "--image-size: image size 30 must be a positive multiple of 4",

@@ -155,6 +155,8 @@ def test_eval_cli_bad_inputs(tmp_path, capsys):
     for extra, message in (
         (["--eta", "2"], "--eta must be in [0, 1]"),
         (["--steps", "0"], "--steps must be >= 1"),
+        (["--sampler", "heun", "--steps", "1"], "--steps must be >= 3 for heun"),
+        (["--sampler", "dpm++2m", "--eta", "0.5"], "--eta applies to ddim only"),
         (["--kid-subsets", "0"], "--kid-subsets must be >= 1"),
         (["--samples-dir", str(tmp_path)], "choose one"),
     ):

@@ -87,6 +87,13 @@ def test_save_every_writes_every_nth_epoch_and_the_last(data_root, tmp_path, mon
     assert torch.load(tmp_path / "stop" / "last.pt", weights_only=True)["train"]["epoch"] == 1
 
 
+def test_sample_grids_with_a_second_order_sampler(data_root, tmp_path):
+    argv = run_args(data_root, tmp_path, "--epochs", "1", "--sampler", "heun", "--sample-steps", "3")
+    assert sd_train.main(argv) == 0
+    assert (tmp_path / "epoch_1.png").is_file()
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["train"]["args"]["sampler"] == "heun"
+
+
 def test_literal_path_trains_and_its_checkpoint_samples_on_the_fast_path(data_root, tmp_path):
     assert (
         sd_train.main(run_args(data_root, tmp_path, "--epochs", "1", "--literal", "--num-workers", "2")) == 0
@@ -271,6 +278,11 @@ def test_bad_inputs_exit_2_with_one_line(data_root, tmp_path, capsys):
         (run_args(data_root, tmp_path, "--epochs", "0"), "--epochs must be >= 1"),
         (run_args(data_root, tmp_path, "--ema-decay", "5"), "--ema-decay must be in [0, 1)"),
         (run_args(data_root, tmp_path, "--lr", "-1"), "--lr must be > 0"),
+        (
+            run_args(data_root, tmp_path, "--sampler", "heun", "--eval-steps", "2"),
+            "must be >= 3 for --sampler heun",
+        ),
+        (run_args(data_root, tmp_path, "--save-every", "0"), "--save-every must be >= 1"),
     ]
     (tmp_path / "file").write_text("not a folder")
     cases += [
