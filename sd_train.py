@@ -19,6 +19,7 @@ import torch
 from lib import distributed
 from lib.checkpoint import read_checkpoint
 from lib.cli import ArgumentParser, StopRequest, UserError, check_at_least, run_cli
+from lib.diffusion import PREDICTIONS
 from lib.run_folder import check_out_dir, lock_run_folder
 from lib.runtime import add_device_args, literal_precision, setup, tune_for_training
 from lib.samplers import MIN_EVALUATIONS, SAMPLERS
@@ -42,6 +43,7 @@ RECIPES = {
         ema_warmup=False,
         loss="l1",
         min_snr_gamma=0.0,
+        prediction="eps",
         norm_stats="original",
         flip=False,
     ),
@@ -56,6 +58,7 @@ RECIPES = {
         ema_warmup=True,
         loss="l1",
         min_snr_gamma=0.0,
+        prediction="eps",
         norm_stats="data",
         flip=True,
     ),
@@ -168,7 +171,12 @@ def add_recipe_args(p):
         action=argparse.BooleanOptionalAction,
         help=recipe_help("ema_warmup", "decay min(ema-decay, (1+n)/(10+n)) at step n"),
     )
-    p.add_argument("--loss", choices=["l1", "l2"], help=recipe_help("loss", "error of the predicted noise"))
+    p.add_argument("--loss", choices=["l1", "l2"], help=recipe_help("loss", "error of the prediction"))
+    p.add_argument(
+        "--prediction",
+        choices=PREDICTIONS,
+        help=recipe_help("prediction", "the network's target: the noise, or v = s eps - n x0"),
+    )
     p.add_argument(
         "--min-snr-gamma", type=float, help=recipe_help("min_snr_gamma", "Min-SNR weighting; 0: off")
     )
@@ -246,6 +254,7 @@ def check_resumable(path, ckpt, explicit, merged):
         preset=saved["preset"],
         image_size=ckpt["config"]["image_size"],
         recipe=saved.get("recipe", "original"),
+        prediction=ckpt["config"].get("prediction", "eps"),
     )
     for name, used in fixed.items():
         if name in explicit and explicit[name] != used:
@@ -317,6 +326,8 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
         cfg = resumed["config"] if resumed else model_config(args.preset, args.image_size)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if not resumed and args.prediction != "eps":  # what the output means travels with the network
+        cfg["prediction"] = args.prediction
     torch.manual_seed(args.seed)
     if args.dry_run:
         return dry_run(args, cfg, device, precision, ctx)

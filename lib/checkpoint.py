@@ -2,7 +2,8 @@
 
 Layout (a plain dict, so `torch.load(weights_only=True)` reads it and a crafted file cannot run code):
     format  "flowers-ddim/1"
-    config  {"image_size", "widths", "embedding_dim", "block_depth"}: rebuilds the network
+    config  {"image_size", "widths", "embedding_dim", "block_depth"}: rebuilds the network;
+            "prediction": "v" where the network predicts v (absent: the noise, eps)
     norm    {"mean": [3 floats], "std": [3 floats]}: the data normalization the model was trained in
     ema     state dict of the EMA weights (what is sampled)
     train   (best.pt / last.pt only) everything sd_train.py --resume needs
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from lib.cli import ArgumentParser, UserError, run_cli
+from lib.diffusion import PREDICTIONS, EpsFromV
 from lib.files import atomic_save
 from lib.normalization import FLOWERS_MEAN, FLOWERS_STD
 from lib.unet import build_unet, check_image_size
@@ -122,7 +124,8 @@ def load_weights(model, state, path):
 
 
 def load_model(path, device="cpu", image_size=None):
-    """-> (network with the EMA weights, in eval mode on `device`, the checkpoint dict)."""
+    """-> (network with the EMA weights, in eval mode on `device`, as a noise predictor; the
+    checkpoint dict)."""
     ckpt = read_checkpoint(path, image_size)
     cfg = ckpt["config"]
     try:
@@ -133,6 +136,11 @@ def load_model(path, device="cpu", image_size=None):
             raise UserError(f"--image-size: {e}") from None
         raise UserError(f"{path} has an unusable config {cfg} ({e})") from None
     load_weights(model, ckpt["ema"], path)
+    prediction = cfg.get("prediction", "eps")
+    if prediction not in PREDICTIONS:
+        raise UserError(f"{path} has an unknown prediction {prediction!r} (known: {', '.join(PREDICTIONS)})")
+    if prediction == "v":  # the samplers ask every network for the noise
+        model = EpsFromV(model)
     return model.to(device).eval(), ckpt
 
 

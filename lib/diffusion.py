@@ -8,6 +8,7 @@ Images are in the normalized space (per-channel mean 0, std 1); lib/data.py maps
 import math
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 # The schedule's end points (the original's numbers): at t=0 the image keeps 95% of its signal,
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 # the loss at t=0 well conditioned.
 MAX_SIGNAL_RATE = 0.95
 MIN_SIGNAL_RATE = 0.02
+PREDICTIONS = ("eps", "v")  # what the network predicts: the noise (the original), or v
 
 
 def diffusion_schedule(t):
@@ -38,19 +40,41 @@ def denoise(model, x_t, noise_rate, signal_rate):
     return eps, x0
 
 
-def min_snr_weight(noise_rate, signal_rate, gamma):
-    """Min-SNR-gamma weighting (Hang et al. 2023) for a noise-predicting network: min(SNR, gamma) /
-    SNR with SNR = signal_rate^2 / noise_rate^2. Weight 1 where the image is mostly noise; the
-    nearly clean levels, whose noise is hard to see and whose gradients conflict with the rest,
-    count less (weight gamma / SNR)."""
+def min_snr_weight(noise_rate, signal_rate, gamma, prediction="eps"):
+    """Min-SNR-gamma weighting (Hang et al. 2023), SNR = signal_rate^2 / noise_rate^2: the weight
+    that turns each prediction's error into min(SNR, gamma) times the error of x0. For noise
+    prediction min(SNR, gamma) / SNR, for v-prediction min(SNR, gamma) / (SNR + 1). The nearly
+    clean levels, whose noise is hard to see and whose gradients conflict with the rest, count
+    less."""
     snr = (signal_rate / noise_rate) ** 2
-    return snr.clamp(max=gamma) / snr
+    return snr.clamp(max=gamma) / (snr if prediction == "eps" else snr + 1)
 
 
-def training_loss(model, x0, generator=None, loss="l1", min_snr_gamma=0.0):
-    """The error of the predicted noise, t ~ U(0, 1) per image: by default the original's objective,
-    L1 over all pixels. loss "l2" squares the error instead; min_snr_gamma > 0 weights each image
-    by min_snr_weight.
+def v_target(x0, eps, noise_rate, signal_rate):
+    """v = signal_rate * eps - noise_rate * x0 (Salimans & Ho 2022, eq. 10): the velocity of x_t
+    along the circle signal^2 + noise^2 = 1. Then x0 = s x_t - n v and eps = n x_t + s v."""
+    return signal_rate * eps - noise_rate * x0
+
+
+class EpsFromV(nn.Module):
+    """A v-predicting network seen as a noise predictor, eps_hat = n x_t + s v_hat, so that every
+    sampler (which asks for eps) runs it unchanged."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x_t, noise_var):
+        noise_rate = noise_var.sqrt()[:, None, None, None]
+        signal_rate = (1 - noise_var).sqrt()[:, None, None, None]
+        return noise_rate * x_t + signal_rate * self.net(x_t, noise_var)
+
+
+def training_loss(model, x0, generator=None, loss="l1", min_snr_gamma=0.0, prediction="eps"):
+    """The error of the network's prediction, t ~ U(0, 1) per image: by default the original's
+    objective, L1 between predicted and true noise over all pixels. loss "l2" squares the error
+    instead; prediction "v" makes v (v_target) the network's target; min_snr_gamma > 0 weights
+    each image by min_snr_weight.
 
     x0: (B, C, H, W) normalized clean images -> scalar loss (fp32 even under autocast).
     """
@@ -59,13 +83,14 @@ def training_loss(model, x0, generator=None, loss="l1", min_snr_gamma=0.0):
     eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
     noise_rate, signal_rate = diffusion_schedule(t)
     x_t = signal_rate * x0 + noise_rate * eps
-    eps_hat = model(x_t, noise_rate.flatten() ** 2)
+    out = model(x_t, noise_rate.flatten() ** 2)
+    target = eps if prediction == "eps" else v_target(x0, eps, noise_rate, signal_rate)
     if loss == "l1" and not min_snr_gamma:
-        return F.l1_loss(eps_hat.float(), eps.float())
-    error = eps_hat.float() - eps.float()
+        return F.l1_loss(out.float(), target.float())
+    error = out.float() - target.float()
     per_image = (error.abs() if loss == "l1" else error.square()).mean(dim=(1, 2, 3))
     if min_snr_gamma:
-        per_image = per_image * min_snr_weight(noise_rate, signal_rate, min_snr_gamma).flatten()
+        per_image = per_image * min_snr_weight(noise_rate, signal_rate, min_snr_gamma, prediction).flatten()
     return per_image.mean()
 
 

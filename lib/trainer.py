@@ -16,6 +16,7 @@ from lib import distributed
 from lib.checkpoint import make_checkpoint
 from lib.cli import UserError
 from lib.data import DecodedBatches, JpegBatches, epoch_order, load_images
+from lib.diffusion import EpsFromV
 from lib.files import atomic_save
 from lib.metrics import KidProbe
 from lib.normalization import FLOWERS_MEAN, FLOWERS_STD, compute_stats, to_model_space
@@ -86,7 +87,9 @@ class TrainingRun:
             sync_bn=args.sync_bn and ctx.active,
             optimizer=args.optimizer,
             weight_decay=args.weight_decay,
-            objective=dict(loss=args.loss, min_snr_gamma=args.min_snr_gamma),
+            objective=dict(
+                loss=args.loss, min_snr_gamma=args.min_snr_gamma, prediction=cfg.get("prediction", "eps")
+            ),
         )
         self.time_up = False
         kid_here = args.eval_every > 0 and ctx.is_main
@@ -358,7 +361,7 @@ class TrainingRun:
         kid = None  # rank 0 measures it; the other ranks do not need it for any decision
         if kid_due and self.kid_probe is not None:
             with self.after_save("the KID probe", epoch):
-                kid = self.kid_probe(self.training.ema)
+                kid = self.kid_probe(self.sampling_net())
             row["kid"] = round(kid, 6)
         kid_improved = kid is not None and kid < state["best_kid"]
         state["best_kid"] = kid if kid_improved else state["best_kid"]
@@ -416,10 +419,15 @@ class TrainingRun:
                 "--eval-samples or --num-samples, or --eval-every 0"
             ) from None
 
+    def sampling_net(self):
+        """The EMA network as a noise predictor, as the samplers want it."""
+        ema = self.training.ema
+        return EpsFromV(ema) if self.cfg.get("prediction", "eps") == "v" else ema
+
     def sample_grid(self, epoch):
         """epoch_N.png: the EMA network's samples from the same noise every time."""
         grid = generate(
-            self.training.ema,
+            self.sampling_net(),
             self.sample_noise,
             self.mean,
             self.std,

@@ -9,8 +9,10 @@ import torch
 
 import sd_train
 from conftest import run_args
+from lib.checkpoint import load_model, make_checkpoint
+from lib.cli import UserError
 from lib.data import epoch_order, load_images
-from lib.diffusion import diffusion_schedule, min_snr_weight, training_loss
+from lib.diffusion import EpsFromV, diffusion_schedule, min_snr_weight, training_loss, v_target
 from lib.normalization import FLOWERS_MEAN, FLOWERS_STD, to_model_space
 from lib.training import ema_decay_at, ema_update, lr_factor
 from lib.unet import build_unet, model_config
@@ -23,6 +25,50 @@ def test_min_snr_weights_at_known_snrs():
     torch.testing.assert_close(
         min_snr_weight(noise_rate, signal_rate, 5.0), torch.tensor([1.0, 1.0, 1.0, 0.2])
     )
+
+
+def test_min_snr_weights_for_v_prediction():
+    # v's squared error is (SNR + 1) times x0's, so the weight is min(SNR, gamma) / (SNR + 1)
+    snr = torch.tensor([0.25, 1.0, 9.0])
+    signal_rate, noise_rate = (snr / (1 + snr)).sqrt(), (1 / (1 + snr)).sqrt()
+    torch.testing.assert_close(
+        min_snr_weight(noise_rate, signal_rate, 5.0, "v"), torch.tensor([0.2, 0.5, 0.5])
+    )
+
+
+def test_v_identities():
+    x0, eps = torch.randn(5, 3, 4, 4, dtype=torch.float64), torch.randn(5, 3, 4, 4, dtype=torch.float64)
+    noise_rate, signal_rate = diffusion_schedule(torch.rand(5, 1, 1, 1, dtype=torch.float64))
+    x_t = signal_rate * x0 + noise_rate * eps
+    v = v_target(x0, eps, noise_rate, signal_rate)
+    torch.testing.assert_close(signal_rate * x_t - noise_rate * v, x0)  # x0 = s x_t - n v
+    torch.testing.assert_close(noise_rate * x_t + signal_rate * v, eps)  # eps = n x_t + s v
+
+    def v_oracle(x, noise_var):  # the true v for this x0: (s x_t - x0) / n
+        n, s = noise_var.sqrt().view(-1, 1, 1, 1), (1 - noise_var).sqrt().view(-1, 1, 1, 1)
+        return (s * x - x0) / n
+
+    torch.testing.assert_close(EpsFromV(v_oracle)(x_t, noise_rate.flatten() ** 2), eps)
+    loss = training_loss(v_oracle, x0, torch.Generator().manual_seed(0), prediction="v")
+    assert loss < 1e-6  # a perfect v predictor has no loss
+
+
+def test_a_v_checkpoint_loads_as_a_noise_predictor(tmp_path):
+    cfg = dict(model_config("flowers64", 32), prediction="v")
+    net = build_unet(cfg).eval()
+    ckpt = make_checkpoint(cfg, [0.5] * 3, [0.25] * 3, net.state_dict())
+    torch.save(ckpt, tmp_path / "v.pt")
+    model, _ = load_model(tmp_path / "v.pt")
+    assert isinstance(model, EpsFromV)
+    x, var = torch.randn(2, 3, 32, 32), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(x, var),
+            var.sqrt()[:, None, None, None] * x + (1 - var).sqrt()[:, None, None, None] * net(x, var),
+        )
+    torch.save(dict(ckpt, config=dict(cfg, prediction="x0")), tmp_path / "x0.pt")
+    with pytest.raises(UserError, match="unknown prediction 'x0'"):
+        load_model(tmp_path / "x0.pt")
 
 
 def test_weighted_l2_loss_is_the_weighted_mean_of_per_image_errors():
@@ -116,6 +162,19 @@ def test_improved_recipe_sets_its_options_and_flags_override_them(data_root, tmp
     assert (
         sd_train.main(["--resume", str(tmp_path / "last.pt"), "--epochs", "2", "--recipe", "original"]) == 2
     )
+
+
+def test_v_prediction_trains_samples_and_cannot_switch_on_resume(data_root, tmp_path, capsys):
+    argv = run_args(data_root, tmp_path, "--epochs", "1", "--prediction", "v", "--eval-every", "1")
+    argv += ["--eval-samples", "4", "--eval-steps", "2"]
+    assert sd_train.main(argv) == 0
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["config"]["prediction"] == "v" and ckpt["train"]["args"]["prediction"] == "v"
+    assert math.isfinite(ckpt["train"]["log"][0]["kid"]) and (tmp_path / "epoch_1.png").is_file()
+    assert isinstance(load_model(tmp_path / "last.pt")[0], EpsFromV)
+    capsys.readouterr()
+    assert sd_train.main(["--resume", str(tmp_path / "last.pt"), "--epochs", "2", "--prediction", "eps"]) == 2
+    assert "--prediction cannot change on --resume" in capsys.readouterr().err
 
 
 def exit_status(argv):
