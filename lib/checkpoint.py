@@ -1,7 +1,7 @@
 """One self-describing checkpoint file, read safely and written atomically.
 
 Layout (a plain dict, so `torch.load(weights_only=True)` reads it and a crafted file cannot run code):
-    format  "flowers-ddim/1"
+    format  "flowers-ddim/1" ("flowers-ddim/2" where config holds a prediction other than eps)
     config  {"image_size", "widths", "embedding_dim", "block_depth"}: rebuilds the network;
             "prediction": "v" where the network predicts v (absent: the noise, eps)
     norm    {"mean": [3 floats], "std": [3 floats]}: the data normalization the model was trained in
@@ -26,12 +26,15 @@ from lib.normalization import FLOWERS_MEAN, FLOWERS_STD
 from lib.unet import build_unet, check_image_size
 
 FORMAT = "flowers-ddim/1"
+# Written where the config holds what readers of /1 would ignore (a v-predicting network): those
+# readers then refuse the file instead of sampling it wrongly.
+FORMAT_2 = "flowers-ddim/2"
 ORIGINAL_IMAGE_SIZE = 128  # the original trained and sampled at 128 px only; its files do not say
 
 
 def make_checkpoint(config, mean, std, ema_state, train_state=None):
     ckpt = {
-        "format": FORMAT,
+        "format": FORMAT if config.get("prediction", "eps") == "eps" else FORMAT_2,
         "config": dict(config),
         "norm": {"mean": list(mean), "std": list(std)},
         "ema": ema_state,
@@ -92,7 +95,7 @@ def read_checkpoint(path, image_size=None):
         ) from None
     if _is_original(obj):
         return _from_original(obj, image_size)
-    if not (isinstance(obj, dict) and obj.get("format") == FORMAT):
+    if not (isinstance(obj, dict) and obj.get("format") in (FORMAT, FORMAT_2)):
         raise UserError(f"{path} is not a checkpoint of this repo (format {FORMAT}) nor of the original repo")
     missing = [k for k in ("config", "norm", "ema") if not isinstance(obj.get(k), dict)]
     if missing:

@@ -92,8 +92,9 @@ def read_log(out_dir):
         return list(csv.DictReader(f))
 
 
-def write_log(out_dir, rows, eval_steps):
-    """Rewrite the CSV log, the loss curve and (once there is one) the KID curve."""
+def write_log(out_dir, rows, probe):
+    """Rewrite the CSV log, the loss curve and (once there is one) the KID curve; probe says how
+    the KID's samples were drawn ("5-evaluation ddim")."""
     with open(out_dir / "training_log.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
@@ -105,7 +106,7 @@ def write_log(out_dir, rows, eval_steps):
 
     for key, label, name in (
         ("loss", "L1 loss on the noise (epoch mean)", "loss_curve.png"),
-        ("kid", f"KID [efficientnet-lite0], {eval_steps}-step samples", "kid_curve.png"),
+        ("kid", f"KID [efficientnet-lite0], {probe} samples", "kid_curve.png"),
     ):
         points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
         if not points:

@@ -58,6 +58,7 @@ def _denoise_at(model, x_t, t, on_step):
     """eps_hat and x0_hat of the state x_t at time t (a float)."""
     t_full = torch.full((x_t.shape[0], 1, 1, 1), float(t), device=x_t.device, dtype=x_t.dtype)
     eps, x0 = denoise(model, x_t, *diffusion_schedule(t_full))
+    eps = eps.to(x_t.dtype)  # a bf16 network output (autocast) would round Heun's slopes
     if on_step is not None:
         on_step(float(t), x_t, x0)
     return eps, x0

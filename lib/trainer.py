@@ -45,6 +45,7 @@ NEW_RUN = dict(
     global_step=0,
     best_loss=math.inf,
     best_kid=math.inf,
+    best_written=math.inf,  # best.pt's loss or KID (--best-by): the best of the epochs written
     bad_epochs=0,
 )
 
@@ -198,6 +199,8 @@ class TrainingRun:
         self.state.update({k: t[k] for k in self.state if k in t})
         if "epoch_finite" not in t:  # written before skipped steps were counted: none was skipped
             self.state["epoch_finite"] = float(t["epoch_steps"])
+        if "best_written" not in t:  # written before --save-every: every epoch was written
+            self.state["best_written"] = t["best_kid"] if args.best_by == "kid" else t["best_loss"]
         epoch, done = self.state["epoch"] + 1, self.state["images_done"]
         self.log(f"resumed {args.resume}: epoch {epoch}, {done} images into it; writing to {self.out_dir}")
 
@@ -339,9 +342,10 @@ class TrainingRun:
 
     def end_epoch(self, interrupted):
         """After an epoch's last step: the LR schedule and early-stop count follow the epoch's loss
-        (as the original); last.pt is written (every --save-every epochs) before the KID and the
-        sample grid, whose failure (out of memory, say) then loses nothing; then best.pt if --best-by
-        improved. A stop request skips the KID and the grid."""
+        (as the original); last.pt is written (every --save-every epochs, and before any KID or
+        sample grid, whose failure, out of memory say, then loses nothing); then best.pt if the
+        epoch beats every epoch written before by --best-by. A stop request skips the KID and
+        the grid."""
         args, state, epoch = self.args, self.state, self.state["epoch"] + 1
         loss = state["epoch_loss_sum"] / state["epoch_finite"]  # the same on every rank
         skipped = state["epoch_skipped"]
@@ -354,8 +358,10 @@ class TrainingRun:
         final = epoch == args.epochs or self.early_stopped()
         row = self.close_epoch(epoch, loss, lr)
         kid_due = args.eval_every > 0 and not interrupted and (epoch % args.eval_every == 0 or final)
-        # A stop (signal or time budget) ends the run after this epoch: it is always written.
-        save_due = epoch % args.save_every == 0 or final or interrupted or self.time_up or kid_due
+        grid_due = not interrupted and (epoch == 1 or epoch % args.sample_every == 0 or final)
+        # The same on every rank (saving is collective). A stop (signal or time budget) ends the
+        # run after this epoch: it is always written.
+        save_due = epoch % args.save_every == 0 or final or interrupted or self.time_up or kid_due or grid_due
         if save_due:
             self.save("last.pt")
         kid = None  # rank 0 measures it; the other ranks do not need it for any decision
@@ -363,16 +369,18 @@ class TrainingRun:
             with self.after_save("the KID probe", epoch):
                 kid = self.kid_probe(self.sampling_net())
             row["kid"] = round(kid, 6)
-        kid_improved = kid is not None and kid < state["best_kid"]
-        state["best_kid"] = kid if kid_improved else state["best_kid"]
-        improved = kid_improved if args.best_by == "kid" else loss_improved
+        state["best_kid"] = min(state["best_kid"], kid if kid is not None else math.inf)
+        metric = kid if args.best_by == "kid" else loss
+        improved = save_due and metric is not None and metric < state["best_written"]
         improved = distributed.any_rank(improved and self.ctx.is_main, self.ctx, self.device)  # KID: rank 0's
+        if improved and metric is not None:
+            state["best_written"] = metric
         self.report(row, skipped, improved)
         if kid_due:  # last.pt again, now with the KID in its log
             self.save("last.pt")
-        if improved and save_due:
+        if improved:
             self.save("best.pt")
-        if self.ctx.is_main and not interrupted and (epoch == 1 or epoch % args.sample_every == 0 or final):
+        if self.ctx.is_main and grid_due:
             with self.after_save("the sample grid", epoch):
                 self.sample_grid(epoch)
 
@@ -405,7 +413,8 @@ class TrainingRun:
             f"{seconds:.1f}s  {row['images_per_s']:.1f} img/s{notes}"
         )
         if self.ctx.is_main:
-            write_log(self.out_dir, self.state["log"], self.args.eval_steps)
+            probe = f"{self.args.eval_steps}-evaluation {self.args.sampler}"
+            write_log(self.out_dir, self.state["log"], probe)
 
     @contextlib.contextmanager
     def after_save(self, what, epoch):

@@ -40,7 +40,11 @@ def test_an_unknown_sampler_is_a_one_line_error(capsys):
 
 
 @pytest.mark.parametrize("sampler", ["dpm++2m", "heun"])
-def test_second_order_samplers_paint_sketch_and_interpolate(tmp_path, sampler):
+def test_second_order_samplers_paint_sketch_and_interpolate(tmp_path, sampler, monkeypatch):
+    import lib.sample
+
+    seen, real = [], lib.sample.sample  # which sampler generate() really runs
+    monkeypatch.setattr(lib.sample, "sample", lambda name, *a, **k: seen.append(name) or real(name, *a, **k))
     tiny_checkpoint(tmp_path / "m.pt")
     Image.new("RGB", (40, 30), (200, 30, 60)).save(tmp_path / "drawing.png")
     common = ["--checkpoint", str(tmp_path / "m.pt"), "--sampler", sampler, "--steps", "3", "--no-show"]
@@ -48,6 +52,7 @@ def test_second_order_samplers_paint_sketch_and_interpolate(tmp_path, sampler):
         out = tmp_path / f"fig{len(extra)}.png"
         assert sd_inference.main([*common, *extra, "--out", str(out), "--save-dir", str(tmp_path / "s")]) == 0
         assert out.is_file()
+    assert seen and set(seen) == {sampler}
 
 
 def test_same_seed_same_images_other_seed_other_images(tmp_path):

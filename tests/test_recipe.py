@@ -170,6 +170,7 @@ def test_v_prediction_trains_samples_and_cannot_switch_on_resume(data_root, tmp_
     assert sd_train.main(argv) == 0
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["config"]["prediction"] == "v" and ckpt["train"]["args"]["prediction"] == "v"
+    assert ckpt["format"] == "flowers-ddim/2"  # older readers refuse it rather than sample it as eps
     assert math.isfinite(ckpt["train"]["log"][0]["kid"]) and (tmp_path / "epoch_1.png").is_file()
     assert isinstance(load_model(tmp_path / "last.pt")[0], EpsFromV)
     capsys.readouterr()

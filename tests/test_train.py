@@ -75,11 +75,17 @@ def test_save_every_writes_every_nth_epoch_and_the_last(data_root, tmp_path, mon
     written, save = [], TrainingRun.save
     monkeypatch.setattr(TrainingRun, "save", lambda run, name: written.append((run.state["epoch"], name)))
     assert sd_train.main(run_args(data_root, tmp_path, "--epochs", "5", "--save-every", "2")) == 0
-    assert [e for e, name in written if name == "last.pt"] == [2, 4, 5]
-    assert {e for e, name in written if name == "best.pt"} <= {2, 4, 5}
-    # a stop request between saves still writes the epoch it ends with
-    written.clear()
+    # epochs 2 and 4, the last, and epoch 1, whose sample grid is drawn (run_args: --sample-every 100)
+    assert [e for e, name in written if name == "last.pt"] == [1, 2, 4, 5]
+    assert {e for e, name in written if name == "best.pt"} <= {1, 2, 4, 5}
+    # the real files: best.pt holds the written epoch of least loss
     monkeypatch.setattr(TrainingRun, "save", save)
+    argv = run_args(data_root, tmp_path / "files", "--epochs", "5", "--save-every", "2")
+    assert sd_train.main(argv) == 0
+    log = torch.load(tmp_path / "files" / "last.pt", weights_only=True)["train"]["log"]
+    best = torch.load(tmp_path / "files" / "best.pt", weights_only=True)["train"]
+    assert best["epoch"] == min((1, 2, 4, 5), key=lambda e: log[e - 1]["loss"])
+    # a stop request between saves still writes the epoch it ends with
     args, _ = sd_train.resolve_args(
         run_args(data_root, tmp_path / "stop", "--epochs", "5", "--save-every", "4")
     )
