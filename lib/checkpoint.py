@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lib.cli import ArgumentParser, UserError, run_cli
-from lib.diffusion import PREDICTIONS, EpsFromV
+from lib.diffusion import PREDICTIONS, as_noise_predictor
 from lib.files import atomic_save
 from lib.normalization import FLOWERS_MEAN, FLOWERS_STD
 from lib.unet import build_unet, check_image_size
@@ -142,9 +142,7 @@ def load_model(path, device="cpu", image_size=None):
     prediction = cfg.get("prediction", "eps")
     if prediction not in PREDICTIONS:
         raise UserError(f"{path} has an unknown prediction {prediction!r} (known: {', '.join(PREDICTIONS)})")
-    if prediction == "v":  # the samplers ask every network for the noise
-        model = EpsFromV(model)
-    return model.to(device).eval(), ckpt
+    return as_noise_predictor(model, prediction).to(device).eval(), ckpt
 
 
 def export_weights(src, dst):

@@ -70,6 +70,11 @@ class EpsFromV(nn.Module):
         return noise_rate * x_t + signal_rate * self.net(x_t, noise_var)
 
 
+def as_noise_predictor(net, prediction):
+    """The network as the samplers want it, whatever it was trained to predict."""
+    return EpsFromV(net) if prediction == "v" else net
+
+
 def training_loss(model, x0, generator=None, loss="l1", min_snr_gamma=0.0, prediction="eps"):
     """The error of the network's prediction, t ~ U(0, 1) per image: by default the original's
     objective, L1 between predicted and true noise over all pixels. loss "l2" squares the error

@@ -76,8 +76,8 @@ def heun_sample(model, noise, steps=20, t_start=1.0, on_step=None, spacing="unif
         raise ValueError(f"heun needs at least 3 evaluations (one step of two, then x0_hat), got {steps}")
     points = steps // 2 + 1
     ts = time_grid(t_start, points, spacing)
-    signal_rates = diffusion_schedule(ts)[1].tolist()
-    sigmas, ts = sigma_of_t(ts).tolist(), ts.tolist()
+    noise_rates, signal_rates = diffusion_schedule(ts)
+    sigmas, signal_rates, ts = (noise_rates / signal_rates).tolist(), signal_rates.tolist(), ts.tolist()
     y = noise / signal_rates[0]
     for i in range(points - 1):
         d, _ = _denoise_at(model, signal_rates[i] * y, ts[i], on_step)  # dy/dsigma at (y, sigma_i)
@@ -130,8 +130,6 @@ def sample(sampler, model, noise, steps=20, eta=0.0, generator=None, t_start=1.0
     (None: DEFAULT_SPACING)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
-    if steps < MIN_EVALUATIONS[sampler]:
-        raise ValueError(f"{sampler} needs at least {MIN_EVALUATIONS[sampler]} steps, got {steps}")
     if sampler == "ddim":
         return ddim_sample(model, noise, steps, eta, generator, t_start, on_step)
     if eta != 0:
@@ -140,13 +138,13 @@ def sample(sampler, model, noise, steps=20, eta=0.0, generator=None, t_start=1.0
     return solver(model, noise, steps, t_start, on_step, spacing or DEFAULT_SPACING)
 
 
-def add_sampler_args(p, what="sampling"):
+def add_sampler_args(p):
     """--sampler, --steps and --eta, the same in every script."""
     p.add_argument(
         "--sampler",
         default="ddim",
         choices=SAMPLERS,
-        help=f"{what}: ddim (the original's), or the second-order dpm++2m and heun (README: Samplers)",
+        help="ddim (the original's), or the second-order dpm++2m and heun (README: Samplers)",
     )
     p.add_argument("--steps", type=int, default=20, help="network evaluations (heun: 2 per step + 1)")
     p.add_argument(

@@ -16,7 +16,7 @@ from lib import distributed
 from lib.checkpoint import make_checkpoint
 from lib.cli import UserError
 from lib.data import DecodedBatches, JpegBatches, epoch_order, load_images
-from lib.diffusion import EpsFromV
+from lib.diffusion import as_noise_predictor
 from lib.files import atomic_save
 from lib.metrics import KidProbe
 from lib.normalization import FLOWERS_MEAN, FLOWERS_STD, compute_stats, to_model_space
@@ -430,8 +430,7 @@ class TrainingRun:
 
     def sampling_net(self):
         """The EMA network as a noise predictor, as the samplers want it."""
-        ema = self.training.ema
-        return EpsFromV(ema) if self.cfg.get("prediction", "eps") == "v" else ema
+        return as_noise_predictor(self.training.ema, self.cfg.get("prediction", "eps"))
 
     def sample_grid(self, epoch):
         """epoch_N.png: the EMA network's samples from the same noise every time."""
