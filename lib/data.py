@@ -129,13 +129,32 @@ def _stack_readable(items):
     return torch.stack(images) if images else None
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def _ignore_stop_signals(worker_id):
     """worker_init_fn of the training loader. Ctrl-C and SIGTERM reach every process of the group
     (a terminal, systemd, Slurm): a worker that died of one would end the run with "worker exited
     unexpectedly" while the main process finishes its step and saves. The workers ignore them and
-    the main process ends them when it stops (a worker also exits when it finds its parent gone)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    the main process ends them when it stops (a worker also exits when it finds its parent gone).
+    They were forked with both blocked (start_workers); ignoring discards any that arrived since."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def start_workers(loader):
+    """iter(loader), which forks the workers, with Ctrl-C and SIGTERM blocked meanwhile: a forked
+    worker inherits the parent's Python handler, and one signalled before its worker_init_fn ran
+    would run the trainer's stop handler itself. The parent gets any such signal once unblocked."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: workers are spawned, nothing inherited
+        return iter(loader)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _loader(dataset, num_workers, **kwargs):
@@ -239,7 +258,7 @@ class JpegBatches:
             pin_memory=self.device.type == "cuda",
             worker_init_fn=_ignore_stop_signals,
         )
-        for images in loader:
+        for images in start_workers(loader):
             if images is not None:  # None only if every file of the batch was unreadable
                 yield images.to(
                     self.device, non_blocking=self.device.type == "cuda"

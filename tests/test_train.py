@@ -1,5 +1,6 @@
 import csv
 import math
+import multiprocessing
 import os
 import shutil
 import signal
@@ -9,10 +10,11 @@ import time
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 import sd_train
 from conftest import ROOT, StopAfter, loss_curve, run_args
-from lib.data import load_images
+from lib.data import _ignore_stop_signals, load_images, start_workers
 from lib.normalization import FLOWERS_MEAN
 from lib.run_folder import lock_run_folder
 from lib.runtime import pick_precision
@@ -407,3 +409,23 @@ def test_sigterm_to_the_whole_process_group_stops_cleanly(data_root, tmp_path, s
         assert "error: interrupted" in out  # stopped before training: nothing to save
     else:
         assert "SIGTERM: stopping after this step" in out and "--resume" in out
+
+
+def _slow_start(worker_id):
+    time.sleep(1)  # the window in which a group's SIGTERM can reach a worker before its init ran
+    _ignore_stop_signals(worker_id)
+
+
+def test_a_worker_signalled_before_its_init_neither_dies_nor_runs_the_parents_handler():
+    previous = signal.signal(signal.SIGTERM, lambda *_: os._exit(3))  # stands for the stop handler
+    try:
+        before = set(multiprocessing.active_children())
+        batches = start_workers(
+            DataLoader(list(range(4)), batch_size=2, num_workers=1, worker_init_fn=_slow_start)
+        )
+        (worker,) = set(multiprocessing.active_children()) - before
+        time.sleep(0.3)  # the worker runs Python now, inside its init
+        os.kill(worker.pid, signal.SIGTERM)
+        assert [b.tolist() for b in batches] == [[0, 1], [2, 3]]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
