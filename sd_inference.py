@@ -18,6 +18,7 @@ import torch
 from torchvision.utils import save_image
 
 from lib.checkpoint import load_model
+from lib.classes import parse_classes, spread
 from lib.cli import ArgumentParser, UserError, check_at_least, run_cli
 from lib.data import load_image
 from lib.runtime import add_device_args, setup
@@ -26,6 +27,7 @@ from lib.samplers import add_sampler_args, check_sampler_args
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "models" / "flowers64.pt"
 MAX_PANELS = 32  # a screenful: a figure of more pictures is too large to open or read
+GUIDANCE = 2.0  # classifier-free guidance scale of --class (to be set by the guidance sweep in README)
 NON_INTERACTIVE = {"agg", "pdf", "ps", "svg", "pgf", "cairo", "template"}
 
 
@@ -62,6 +64,21 @@ def get_parser():
     p.add_argument(
         "--interpolate", action="store_true", help="a strip from the noise of --seed to that of --seed + 1"
     )
+    cond = p.add_argument_group("class-conditional models (sd_train.py --class-cond)")
+    cond.add_argument(
+        "--class",
+        dest="class_spec",
+        default=None,
+        help="a class name (any case) or 0-based index; several, comma-separated, take turns over the "
+        "figure. Without it a conditional model paints flowers of no particular class",
+    )
+    cond.add_argument(
+        "--guidance",
+        type=float,
+        default=GUIDANCE,
+        help="classifier-free guidance scale: 1 plain, higher: truer to the class",
+    )
+    cond.add_argument("--list-classes", action="store_true", help="print the model's classes and exit")
     return p
 
 
@@ -99,6 +116,10 @@ def check_args(args):
     check_sampler_args(args)
     if args.interpolate and args.num_images < 2:
         raise UserError("--interpolate needs --num-images >= 2")
+    if args.guidance < 0:
+        raise UserError(f"--guidance must be >= 0, got {args.guidance}")
+    if args.interpolate and args.class_spec and "," in args.class_spec:
+        raise UserError("--interpolate walks between two noises of one class: give one --class")
     if args.interpolate and args.eta != 0:  # fresh noise at every step would break the smooth path
         raise UserError("--interpolate needs a deterministic sampler: leave --eta at 0")
     if args.init_image and not 0.0 < args.strength <= 1.0:
@@ -138,6 +159,7 @@ def sketch(model, ckpt, drawing, args, precision):
     """--init-image: one SDEdit result per seed -> (results, panels, figure options); each row of
     panels shows the drawing, its noised version and the result."""
     mean, std = ckpt["norm"]["mean"], ckpt["norm"]["std"]
+    labels, names = class_labels(args, ckpt)
     rows = [
         sketch_to_image(
             model,
@@ -146,15 +168,17 @@ def sketch(model, ckpt, drawing, args, precision):
             std,
             args.strength,
             args.steps,
-            args.eta,
             args.seed + i,
-            precision,
-            args.sampler,
+            **sampling_options(args, precision, None if labels is None else labels[i : i + 1]),
         )
         for i in range(args.num_images)
     ]
     panels = torch.cat([torch.cat([drawing.float() / 255, noisy, result]) for noisy, result in rows])
-    labels = ["drawing", f"noised to t={args.strength}", "result"]
+    labels = [
+        caption
+        for i in range(args.num_images)
+        for caption in ("drawing", f"noised to t={args.strength}", f"result{names[i] if names else ''}")
+    ]
     fig_args = dict(title=f"Sketch to image (strength {args.strength})", cols=3, labels=labels)
     return torch.cat([result for _, result in rows]), panels, fig_args
 
@@ -169,19 +193,33 @@ def paint(model, ckpt, args, precision):
     else:
         noise, fig_args = initial_noise(args.num_images, size, args.seed), {}
     mean, std = ckpt["norm"]["mean"], ckpt["norm"]["std"]
-    images = generate(
-        model,
-        noise,
-        mean,
-        std,
+    labels, names = class_labels(args, ckpt)
+    options = sampling_options(args, precision, labels)
+    images = generate(model, noise, mean, std, seed=args.seed, batch_size=args.batch_size, **options)
+    if names:
+        fig_args["labels"] = [name.strip(": ") for name in names]
+    return images, images, fig_args
+
+
+def class_labels(args, ckpt):
+    """--class -> (labels (num_images,) or None, captions ': name' per image or None)."""
+    if args.class_spec is None:
+        return None, None
+    names = ckpt["config"].get("classes", [])
+    labels = spread(parse_classes(args.class_spec, names), args.num_images)
+    return labels, [f": {names[i]}" for i in labels.tolist()]
+
+
+def sampling_options(args, precision, labels):
+    """generate()'s keyword arguments from the flags."""
+    return dict(
         steps=args.steps,
         eta=args.eta,
-        seed=args.seed,
         precision=precision,
-        batch_size=args.batch_size,
         sampler=args.sampler,
+        labels=labels,
+        guidance=args.guidance,
     )
-    return images, images, fig_args
 
 
 def screenful(panels, n_images, args):
@@ -206,6 +244,10 @@ def run(args):
     device, precision = setup(args.device, args.precision)
     model, ckpt = load_model(checkpoint, device, args.image_size)
     model = model.to(memory_format=torch.channels_last)
+    if args.list_classes:
+        names = ckpt["config"].get("classes") or []
+        print("\n".join(f"{i:3d}  {name}" for i, name in enumerate(names)) or f"{checkpoint} has no classes")
+        return
     size = ckpt["config"]["image_size"]
     drawing = load_image(args.init_image, size) if args.init_image else None
     # Folders before sampling, so an unwritable place fails before minutes of work; after the

@@ -64,10 +64,11 @@ class EpsFromV(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, x_t, noise_var):
+    def forward(self, x_t, noise_var, labels=None):
         noise_rate = noise_var.sqrt()[:, None, None, None]
         signal_rate = (1 - noise_var).sqrt()[:, None, None, None]
-        return noise_rate * x_t + signal_rate * self.net(x_t, noise_var)
+        v = self.net(x_t, noise_var) if labels is None else self.net(x_t, noise_var, labels)
+        return noise_rate * x_t + signal_rate * v
 
 
 def as_noise_predictor(net, prediction):
@@ -75,11 +76,36 @@ def as_noise_predictor(net, prediction):
     return EpsFromV(net) if prediction == "v" else net
 
 
-def training_loss(model, x0, generator=None, loss="l1", min_snr_gamma=0.0, prediction="eps"):
+class Guided(nn.Module):
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6 with w = scale - 1):
+        eps = eps_u + scale * (eps_c - eps_u),
+    eps_c the noise predicted for `labels`, eps_u for no class. scale 1 is the plain conditional
+    model, 0 the unconditional one; above 1 samples follow their class more closely. The two
+    predictions run as one batch of twice the size (the network is in eval mode: BatchNorm's
+    running statistics make each image's output independent of the others)."""
+
+    def __init__(self, net, labels, scale, null_label):
+        super().__init__()
+        self.net, self.scale = net, scale
+        self.labels, self.null = labels, torch.full_like(labels, null_label)
+
+    def forward(self, x_t, noise_var):
+        if self.scale == 1:
+            return self.net(x_t, noise_var, self.labels)
+        if self.scale == 0:
+            return self.net(x_t, noise_var, self.null)
+        both = self.net(
+            torch.cat([x_t, x_t]), torch.cat([noise_var, noise_var]), torch.cat([self.labels, self.null])
+        )
+        eps_c, eps_u = both.chunk(2)
+        return eps_u + self.scale * (eps_c - eps_u)
+
+
+def training_loss(model, x0, generator=None, loss="l1", min_snr_gamma=0.0, prediction="eps", labels=None):
     """The error of the network's prediction, t ~ U(0, 1) per image: by default the original's
     objective, L1 between predicted and true noise over all pixels. loss "l2" squares the error
     instead; prediction "v" makes v (v_target) the network's target; min_snr_gamma > 0 weights
-    each image by min_snr_weight.
+    each image by min_snr_weight; labels (B,) go to a class-conditional network.
 
     x0: (B, C, H, W) normalized clean images -> scalar loss (fp32 even under autocast).
     """
@@ -88,7 +114,11 @@ def training_loss(model, x0, generator=None, loss="l1", min_snr_gamma=0.0, predi
     eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
     noise_rate, signal_rate = diffusion_schedule(t)
     x_t = signal_rate * x0 + noise_rate * eps
-    out = model(x_t, noise_rate.flatten() ** 2)
+    out = (
+        model(x_t, noise_rate.flatten() ** 2)
+        if labels is None
+        else model(x_t, noise_rate.flatten() ** 2, labels)
+    )
     target = eps if prediction == "eps" else v_target(x0, eps, noise_rate, signal_rate)
     if loss == "l1" and not min_snr_gamma:
         return F.l1_loss(out.float(), target.float())

@@ -2,7 +2,7 @@
 
 import torch
 
-from lib.diffusion import add_noise
+from lib.diffusion import Guided, add_noise
 from lib.normalization import to_image_space, to_model_space
 from lib.runtime import autocast
 from lib.samplers import MIN_EVALUATIONS, sample
@@ -29,12 +29,16 @@ def generate(
     t_start=1.0,
     sampler="ddim",
     spacing=None,
+    labels=None,
+    guidance=1.0,
 ):
     """noise: (N, 3, S, S) on the CPU, the state at t_start -> (N, 3, S, S) float images in
     [0, 1] on the CPU.
 
     The model must be in eval mode (BatchNorm running statistics). Large N runs in batches.
-    sampler, steps (network evaluations), eta and spacing: lib/samplers.py's sample().
+    sampler, steps (network evaluations), eta and spacing: lib/samplers.py's sample(). labels
+    (N,) ask a class-conditional model for these classes, with classifier-free guidance of
+    scale `guidance` (lib/diffusion.py's Guided); None samples it without a class.
     `seed` drives the fresh noise of eta > 0: one generator for the whole call, on the model's
     device, seeded apart from initial_noise's stream (else its first draw would repeat the
     starting noise). With eta > 0 the images therefore also depend on the device and batch_size.
@@ -43,12 +47,23 @@ def generate(
     # An offset far from any seed people use (the CPU generator keeps only the low 32 bits).
     g = torch.Generator(device).manual_seed((seed + 0x9E3779B9) % 2**32)
     out = []
-    for chunk in noise.split(batch_size):
+    label_chunks = [None] * len(noise.split(batch_size)) if labels is None else labels.split(batch_size)
+    for chunk, chunk_labels in zip(noise.split(batch_size), label_chunks, strict=True):
         x = chunk.to(device).contiguous(memory_format=torch.channels_last)
+        net = model
+        if chunk_labels is not None:
+            net = Guided(model, chunk_labels.to(device), guidance, null_label=num_classes(model))
         with autocast(device, precision):
-            x0 = sample(sampler, model, x, steps, eta, g, t_start, spacing=spacing)
+            x0 = sample(sampler, net, x, steps, eta, g, t_start, spacing=spacing)
         out.append(to_image_space(x0, mean, std).cpu())
     return torch.cat(out)
+
+
+def num_classes(model):
+    """The classes of a network, through its wrappers (EpsFromV); 0 if unconditional."""
+    while not hasattr(model, "num_classes") and hasattr(model, "net"):
+        model = model.net
+    return getattr(model, "num_classes", 0)
 
 
 def slerp(z0, z1, alpha):
@@ -72,29 +87,18 @@ def interpolation_noise(image_size, seed, frames):
 
 
 @torch.inference_mode()
-def sketch_to_image(
-    model, images, mean, std, strength=0.6, steps=20, eta=0.0, seed=0, precision="fp32", sampler="ddim"
-):
+def sketch_to_image(model, images, mean, std, strength=0.6, steps=20, seed=0, **options):
     """SDEdit (Meng et al. 2022): noise uint8 images (N, 3, S, S) to t = strength, denoise from
     there. -> (noisy images, results), both float in [0, 1] on the CPU. strength 1 starts from
     t = 1, where 2% of the signal (the schedule's floor) is still the picture's: nearly plain
     sampling; near 0 the input comes back nearly unchanged. The sampler takes
     round(strength * steps) evaluations (at least the sampler's minimum), so the steps are about
-    as long as in plain sampling."""
+    as long as in plain sampling. options: generate()'s (eta, precision, sampler, labels, ...)."""
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     eps = initial_noise(images.shape[0], images.shape[-1], seed)
     x_t = add_noise(to_model_space(images, mean, std), strength, eps)
-    results = generate(
-        model,
-        x_t,
-        mean,
-        std,
-        steps=max(MIN_EVALUATIONS[sampler], round(strength * steps)),
-        eta=eta,
-        seed=seed,
-        precision=precision,
-        t_start=strength,
-        sampler=sampler,
-    )
+    minimum = MIN_EVALUATIONS[options.get("sampler", "ddim")]
+    steps = max(minimum, round(strength * steps))
+    results = generate(model, x_t, mean, std, steps=steps, seed=seed, t_start=strength, **options)
     return to_image_space(x_t, mean, std), results

@@ -86,15 +86,20 @@ class UNet(nn.Module):
     concatenated); literal=False (default) runs an exactly equivalent, cheaper one (see forward).
     """
 
-    def __init__(self, widths, embedding_dim, block_depth, literal=False):
+    def __init__(self, widths, embedding_dim, block_depth, literal=False, num_classes=0):
         super().__init__()
         self.widths, self.embedding_dim, self.block_depth = tuple(widths), embedding_dim, block_depth
-        self.literal = literal
+        self.literal, self.num_classes = literal, num_classes
         *level_widths, bottom = self.widths
         self.in_conv = nn.Conv2d(3, level_widths[0], 1)
+        # Class-conditional: a learned vector per class, plus one for "no class" (index
+        # num_classes, what label dropout trains and unguided sampling uses), enters beside the
+        # noise embedding: both are constant over the image.
+        self.class_embedding = nn.Embedding(num_classes + 1, embedding_dim) if num_classes else None
+        conditions = embedding_dim * (2 if num_classes else 1)
 
         self.down_blocks = nn.ModuleList()
-        ch = level_widths[0] + embedding_dim  # cat([in_conv(x), embedding])
+        ch = level_widths[0] + conditions  # cat([in_conv(x), embeddings])
         for w in level_widths:
             self.down_blocks.append(Level([ch] + [w] * (block_depth - 1), w))
             ch = w
@@ -111,13 +116,25 @@ class UNet(nn.Module):
             self.up_blocks.append(Level(in_channels, w))
         self.out_conv = nn.Conv2d(level_widths[0], 3, 1)
 
-    def forward(self, x, noise_var):
-        """x: (B, 3, H, W) noisy images; noise_var: (B,) noise_rate**2 -> (B, 3, H, W) noise."""
-        return self._forward_literal(x, noise_var) if self.literal else self._forward_fused(x, noise_var)
+    def forward(self, x, noise_var, labels=None):
+        """x: (B, 3, H, W) noisy images; noise_var: (B,) noise_rate**2; labels: (B,) class indices
+        of a class-conditional network (None or num_classes: no class) -> (B, 3, H, W) noise."""
+        e = self.embed(noise_var, labels).to(x.dtype)
+        return self._forward_literal(x, e) if self.literal else self._forward_fused(x, e)
 
-    def _forward_literal(self, x, noise_var):
+    def embed(self, noise_var, labels):
+        """-> (B, E) or (B, 2E): the noise level's sinusoidal features, then the class's vector."""
+        e = sinusoidal_embedding(noise_var, self.embedding_dim)
+        if self.class_embedding is None:
+            if labels is not None:
+                raise ValueError("labels given to an unconditional network")
+            return e
+        if labels is None:
+            labels = torch.full(noise_var.shape, self.num_classes, device=noise_var.device)
+        return torch.cat([e, self.class_embedding(labels).float()], dim=1)
+
+    def _forward_literal(self, x, e):
         """The original's computation, step by step."""
-        e = sinusoidal_embedding(noise_var, self.embedding_dim).to(x.dtype)  # (B, E)
         e_map = F.interpolate(e[:, :, None, None], size=x.shape[-2:], mode="bilinear", align_corners=True)
         h = torch.cat([self.in_conv(x), e_map], dim=1)  # (B, w0 + E, H, W)
         skips = []
@@ -134,7 +151,7 @@ class UNet(nn.Module):
                 h = block(torch.cat([h, skips.pop()], dim=1))  # last saved skip first
         return self.out_conv(h)  # (B, 3, H, W)
 
-    def _forward_fused(self, x, noise_var):
+    def _forward_fused(self, x, e):
         """The same function with fewer operations, by exact identities of linear maps.
 
         A 1x1 conv of a concatenation is the sum of 1x1 convs of its parts, so
@@ -149,9 +166,8 @@ class UNet(nn.Module):
         tests/test_cpu_fusion.py checks 3; README's "Speed" says what each saves.
         """
         w0 = self.widths[0]
-        e = sinusoidal_embedding(noise_var, self.embedding_dim).to(x.dtype)  # (B, E)
         adapt = self.down_blocks[0].residual_blocks[0].channel_adaptation
-        a_x, a_e = adapt.weight.flatten(1).split([w0, self.embedding_dim], dim=1)  # (w0, w0), (w0, E)
+        a_x, a_e = adapt.weight.flatten(1).split([w0, e.shape[1]], dim=1)  # (w0, w0), (w0, E)
         weight = (a_x @ self.in_conv.weight.flatten(1))[:, :, None, None]  # (w0, 3, 1, 1)
         per_image = F.linear(e, a_e, a_x @ self.in_conv.bias + adapt.bias)  # (B, w0)
         h = F.conv2d(x, weight) + per_image[:, :, None, None]  # (B, w0, H, W)
@@ -201,7 +217,8 @@ def check_image_size(image_size, num_levels):
 
 
 def build_unet(cfg, literal=False):
-    return UNet(cfg["widths"], cfg["embedding_dim"], cfg["block_depth"], literal=literal)
+    """The network a config describes; "num_classes" (absent: 0) makes it class-conditional."""
+    return UNet(cfg["widths"], cfg["embedding_dim"], cfg["block_depth"], literal, cfg.get("num_classes", 0))
 
 
 def count_parameters(model):

@@ -1,0 +1,50 @@
+"""Class labels: where they come from for training, and how people name them at inference."""
+
+import difflib
+from pathlib import Path
+
+import torch
+
+from lib.cli import UserError
+
+
+def folder_labels(root, paths):
+    """ImageFolder's rule: each image's class is its immediate subfolder under root, the classes
+    sorted by name -> (labels (N,) int64, class names)."""
+    root = Path(root)
+    parents = [Path(p).relative_to(root).parts[:-1] for p in paths]
+    if any(not parts for parts in parents):
+        raise UserError(
+            f"--class-cond with --image-dir needs one subfolder per class under {root} "
+            "(images directly in it have no class)"
+        )
+    names = sorted({parts[0] for parts in parents})
+    index = {name: i for i, name in enumerate(names)}
+    return torch.tensor([index[parts[0]] for parts in parents]), names
+
+
+def parse_classes(spec, names):
+    """--class "sunflower,3" -> [class indices]: names case-insensitive, or 0-based indices."""
+    if not names:
+        raise UserError(
+            "--class needs a class-conditional model (trained with --class-cond); this one is not"
+        )
+    lower = {name.lower(): i for i, name in enumerate(names)}
+    chosen = []
+    for item in (part.strip() for part in spec.split(",")):
+        if item.isdigit() and int(item) < len(names):
+            chosen.append(int(item))
+        elif item.lower() in lower:
+            chosen.append(lower[item.lower()])
+        else:
+            near = difflib.get_close_matches(item.lower(), list(lower), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(repr(names[lower[n]]) for n in near)}?" if near else ""
+            raise UserError(
+                f"--class {item!r} is not one of the model's {len(names)} classes{hint} (--list-classes)"
+            )
+    return chosen
+
+
+def spread(classes, n):
+    """n labels cycling through the chosen classes: the figure shows each in turn."""
+    return torch.tensor([classes[i % len(classes)] for i in range(n)])
