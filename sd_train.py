@@ -19,6 +19,7 @@ import torch
 from lib import distributed
 from lib.checkpoint import read_checkpoint
 from lib.cli import ArgumentParser, StopRequest, UserError, check_at_least, run_cli
+from lib.data import class_names
 from lib.diffusion import PREDICTIONS
 from lib.run_folder import check_out_dir, lock_run_folder
 from lib.runtime import add_device_args, literal_precision, setup, tune_for_training
@@ -125,6 +126,17 @@ def add_data_args(p):
     )
     p.add_argument("--image-dir", default=None, help="train on the images in this folder (recursively)")
     p.add_argument("--limit", type=int, default=None, help="use a fixed subset of N images")
+    p.add_argument(
+        "--class-cond",
+        action="store_true",
+        help="class-conditional: Flowers102's 102 classes, or one subfolder of --image-dir per class",
+    )
+    p.add_argument(
+        "--label-dropout",
+        type=float,
+        default=0.1,
+        help="with --class-cond: the share of images trained without their class (for guidance)",
+    )
     p.add_argument(
         "--flip", action=argparse.BooleanOptionalAction, help=recipe_help("flip", "random horizontal flips")
     )
@@ -255,6 +267,7 @@ def check_resumable(path, ckpt, explicit, merged):
         image_size=ckpt["config"]["image_size"],
         recipe=saved.get("recipe", "original"),
         prediction=ckpt["config"].get("prediction", "eps"),
+        class_cond="num_classes" in ckpt["config"],
     )
     for name, used in fixed.items():
         if name in explicit and explicit[name] != used:
@@ -298,6 +311,10 @@ def check_args(args, ctx, device):
     check_at_least(args, epochs=1, batch_size=1, save_every=1, sample_every=1, num_samples=1, sample_steps=1)
     check_at_least(args, num_workers=0, early_stop=1, lr_patience=0, min_lr=0.0)
     check_at_least(args, eval_every=0, eval_samples=2, eval_steps=1)
+    if not 0.0 <= args.label_dropout < 1.0:
+        raise UserError(f"--label-dropout must be in [0, 1), got {args.label_dropout}")
+    if args.class_cond and args.literal:
+        raise UserError("--class-cond trains on the fast path only: drop --literal")
     need = MIN_EVALUATIONS[args.sampler]
     if min(args.sample_steps, args.eval_steps) < need:
         raise UserError(f"--sample-steps and --eval-steps must be >= {need} for --sampler {args.sampler}")
@@ -328,6 +345,9 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
         raise UserError(str(e)) from None
     if not resumed and args.prediction != "eps":  # what the output means travels with the network
         cfg["prediction"] = args.prediction
+    if not resumed and args.class_cond and not args.dry_run:  # the names only: nothing decoded yet
+        cfg["classes"] = class_names(args.data_root, args.image_dir, args.download)
+        cfg["num_classes"] = len(cfg["classes"])
     torch.manual_seed(args.seed)
     if args.dry_run:
         return dry_run(args, cfg, device, precision, ctx)

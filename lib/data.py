@@ -20,6 +20,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchvision.datasets import Flowers102
 
+from lib.classes import folder_labels
 from lib.cli import UserError
 from lib.files import atomic_save, read_cache
 
@@ -206,11 +207,39 @@ def load_images(
     return images
 
 
-class DecodedBatches:
-    """Batches drawn by index from images decoded once, held on the training device (fast path)."""
+def class_names(data_root="data", image_dir=None, download=False):
+    """The classes, without decoding anything: Flowers102's 102 names (torchvision's order, its
+    0-based labels), or the subfolders of --image-dir, sorted (ImageFolder's rule)."""
+    if image_dir:
+        return folder_labels(image_dir, ImageFiles(image_dir, None).paths)[1]
+    return flowers102(data_root, None, download).datasets[0].classes
 
-    def __init__(self, images, device):
+
+def load_labelled_images(image_size, data_root="data", image_dir=None, download=False, limit=None, **kw):
+    """load_images() and each image's class -> (images, labels (N,) int64, class names)."""
+    if image_dir:
+        labels, names = folder_labels(image_dir, ImageFiles(image_dir, None).paths)
+    else:
+        splits = flowers102(data_root, None, download).datasets
+        labels, names = torch.tensor([y for split in splits for y in split._labels]), splits[0].classes
+    if limit is not None and limit < len(labels):
+        labels = labels[fixed_subset(range(len(labels)), limit).indices]
+    images = load_images(image_size, data_root, image_dir, download, limit, **kw)
+    if len(images) != len(labels):
+        raise UserError(
+            f"{len(labels) - len(images)} image(s) could not be read (named above); class-conditional "
+            "training needs every image readable: remove those files"
+        )
+    return images, labels, names
+
+
+class DecodedBatches:
+    """Batches drawn by index from images decoded once, held on the training device (fast path).
+    With labels (N,) (class-conditional training) each batch comes with its labels."""
+
+    def __init__(self, images, device, labels=None):
         self.images = images.to(device)
+        self.labels = None if labels is None else labels.to(device)
 
     def __len__(self):
         return self.images.shape[0]
@@ -222,7 +251,8 @@ class DecodedBatches:
             return
         sizes = [len(idx) for idx in index_batches]
         for idx in torch.cat(list(index_batches)).to(self.images.device).split(sizes):
-            yield self.images[idx]  # (B, 3, S, S) uint8
+            # (B, 3, S, S) uint8, or with labels that and (B,) int64
+            yield self.images[idx] if self.labels is None else (self.images[idx], self.labels[idx])
 
 
 class JpegBatches:

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from lib import distributed
 from lib.checkpoint import make_checkpoint
 from lib.cli import UserError
-from lib.data import DecodedBatches, JpegBatches, epoch_order, load_images
+from lib.data import DecodedBatches, JpegBatches, epoch_order, load_images, load_labelled_images
 from lib.diffusion import as_noise_predictor
 from lib.files import atomic_save
 from lib.metrics import KidProbe
@@ -139,12 +139,21 @@ class TrainingRun:
         )
         images = None
         own_stats = (args.image_dir or args.norm_stats == "data") and not resumed
-        if not args.literal or own_stats or keep_images:
+        labels = None
+        if self.cfg.get("num_classes"):
+            images, labels, names = load_labelled_images(
+                size, **source, num_workers=args.num_workers, cache_dir=args.cache_dir
+            )
+            if names != self.cfg["classes"]:
+                raise UserError(
+                    f"the data's classes are not the {len(self.cfg['classes'])} the run was started with"
+                )
+        elif not args.literal or own_stats or keep_images:
             images = load_images(size, **source, num_workers=args.num_workers, cache_dir=args.cache_dir)
         self.data = (
             JpegBatches(size, self.device, args.num_workers, **source)
             if args.literal
-            else DecodedBatches(images, self.device)
+            else DecodedBatches(images, self.device, labels)
         )
         if resumed:
             self.mean, self.std = resumed["norm"]["mean"], resumed["norm"]["std"]
@@ -261,11 +270,12 @@ class TrainingRun:
         check_every = 10 if ctx.active else 1
         budget, spent = (args.max_minutes or math.inf) * 60, trained_minutes(state) * 60
         t0, steps_done = time.perf_counter(), 0
-        for i, images in enumerate(bar):
+        for i, batch in enumerate(bar):
+            images, labels = batch if self.cfg.get("num_classes") else (batch, None)
             self.set_lr((spent + time.perf_counter() - t0) / budget)
             x0 = to_model_space(images, self.mean, self.std, self.gen if args.flip else None)
             decay = ema_decay_at(state["global_step"], args.ema_decay, args.ema_warmup)
-            add_loss(acc, self.training.step(x0, self.gen, decay))
+            add_loss(acc, self.training.step(x0, self.gen, decay, labels, args.label_dropout))
             state["global_step"] += 1
             state["epoch_steps"] += 1
             state["images_done"] += global_sizes[i]

@@ -104,17 +104,22 @@ class Training:
         if compile:
             self.step_model = torch.compile(self.step_model)
 
-    def step(self, x0, generator, ema_decay):
+    def step(self, x0, generator, ema_decay, labels=None, label_dropout=0.0):
         """One Adam step on the noise-prediction loss of x0 (B, 3, S, S) -> the loss (detached).
+        labels (B,): a class-conditional network's classes, each replaced by "no class" with
+        probability label_dropout (Ho & Salimans 2022), so the same network learns both.
 
         Under loss scaling a step whose loss overflowed is skipped by the scaler; its forward pass
         has already moved BatchNorm's running statistics, which are then put back (a NaN there
         would reach the EMA copy and stay), without waiting for the device."""
         buffers = self._ema_pairs[3] if self.scaler.is_enabled() else []
         before = [b.clone() for b in buffers]
+        if labels is not None:
+            dropped = torch.rand(labels.shape, device=labels.device, generator=generator) < label_dropout
+            labels = labels.masked_fill(dropped, self.model.num_classes)
         with autocast(self.device, self.precision):
             x0 = x0.contiguous(memory_format=self.memory_format)
-            loss = training_loss(self.step_model, x0, generator, **self.objective)
+            loss = training_loss(self.step_model, x0, generator, labels=labels, **self.objective)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)
