@@ -3,10 +3,12 @@
     python sd_eval.py --checkpoint models/flowers64.pt --num-samples 1000 --data-root data
     python sd_eval.py --checkpoint models/flowers64.pt --floor          # and what real images score
     python sd_eval.py --samples-dir my_samples/ --image-size 64         # score a folder of images
+    python sd_eval.py --checkpoint cond.pt --class-fidelity              # a class-conditional model
 
 The real images are prepared exactly as for training (resize, center crop to the model's size).
 Lower is better for both; read them against the floor (--floor): two sets of real images of the
 same size score the floor, not zero (FID is biased upwards at small N; KID is unbiased, ~0).
+A class-conditional model's samples take every class in turn, at the guidance of --guidance.
 """
 
 import sys
@@ -15,9 +17,19 @@ import time
 import torch
 
 from lib.checkpoint import load_model
+from lib.classes import GUIDANCE, class_balanced
 from lib.cli import ArgumentParser, UserError, check_at_least, run_cli
-from lib.data import load_images
-from lib.metrics import EXTRACTORS, build_extractor, extract_features, fid, kid, reference_features, to_uint8
+from lib.data import check_all_read, image_labels, load_images
+from lib.metrics import (
+    EXTRACTORS,
+    ClassProbe,
+    build_extractor,
+    extract_features,
+    fid,
+    kid,
+    reference_features,
+    to_uint8,
+)
 from lib.runtime import add_device_args, setup
 from lib.sample import generate, initial_noise
 from lib.samplers import add_sampler_args, check_sampler_args
@@ -31,6 +43,19 @@ def get_parser():
     p.add_argument("--num-samples", type=int, default=1000, help="samples generated and scored")
     add_sampler_args(p)
     p.add_argument("--seed", type=int, default=0, help="of the sample noise and the KID subsets")
+    cond = p.add_argument_group("class-conditional models (sd_train.py --class-cond)")
+    cond.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help=f"classifier-free guidance scale of the samples (default {GUIDANCE}; 0: unconditional)",
+    )
+    cond.add_argument(
+        "--class-fidelity",
+        action="store_true",
+        help="also read the samples' classes with a linear probe of the feature space, fitted on the "
+        "real train and val images, against its accuracy on the real test images",
+    )
     p.add_argument(
         "--image-size",
         type=int,
@@ -93,13 +118,29 @@ def check_args(args):
     check_at_least(args, num_samples=2, batch_size=1, kid_subsets=1, kid_subset_size=2)
     check_at_least(args, num_workers=0, image_size=1)
     check_sampler_args(args)
+    if args.guidance is not None and args.guidance < 0:
+        raise UserError(f"--guidance must be >= 0, got {args.guidance}")
+    if args.class_fidelity and not args.checkpoint:
+        raise UserError("--class-fidelity needs --checkpoint: samples whose classes are known")
+
+
+def check_conditional(ckpt, args):
+    """--guidance and --class-fidelity need a class-conditional checkpoint."""
+    if not ckpt["config"].get("num_classes") and (args.guidance is not None or args.class_fidelity):
+        raise UserError(
+            f"{args.checkpoint} is not class-conditional: --guidance and --class-fidelity need one "
+            "(sd_train.py --class-cond)"
+        )
 
 
 def sample(model, ckpt, args, precision):
-    """--num-samples images from the checkpoint's EMA network -> uint8 (N, 3, S, S)."""
+    """--num-samples images from the checkpoint's EMA network -> (uint8 (N, 3, S, S), their
+    classes (N,) or None)."""
     t0 = time.perf_counter()
     noise = initial_noise(args.num_samples, ckpt["config"]["image_size"], args.seed)
     mean, std = ckpt["norm"]["mean"], ckpt["norm"]["std"]
+    guidance = GUIDANCE if args.guidance is None else args.guidance
+    classes = class_balanced(args.num_samples, ckpt["config"].get("num_classes", 0), guidance)
     images = generate(
         model,
         noise,
@@ -111,11 +152,28 @@ def sample(model, ckpt, args, precision):
         precision=precision,
         batch_size=args.batch_size,
         sampler=args.sampler,
+        **classes,
     )
     seconds = time.perf_counter() - t0
     how = f"{args.sampler}, {args.steps} evaluations" + (f", eta {args.eta}" if args.eta else "")
+    how += f", every class in turn at guidance {guidance:g}" if classes else ""
     print(f"generated {len(images)} samples ({how}) in {seconds:.0f}s")
-    return to_uint8(images)
+    return to_uint8(images), classes.get("labels")
+
+
+def class_fidelity(real_features, fake_features, fake_labels, classes, args):
+    """The samples' class top-1 and top-5 under ClassProbe, against the real test images'."""
+    labels, names, splits = image_labels(args.data_root, args.image_dir, args.download)
+    if names != classes:
+        raise UserError(f"{args.checkpoint} was trained on other classes than the real images' {len(names)}")
+    check_all_read(real_features, labels)
+    probe = ClassProbe(real_features, labels, splits, len(names))
+    name = f"class probe [{args.extractor}, L2 {probe.penalty:g}, fitted on {probe.num_fitted} real images]"
+    top1, top5 = probe.ceiling
+    print(f"{name}: real test images top-1 {top1:.3f}, top-5 {top5:.3f}")
+    s1, s5 = probe.accuracy(fake_features, fake_labels)
+    print(f"samples: top-1 {s1:.3f}, top-5 {s5:.3f} ({s1 / top1:.2f}x the real top-1)")
+    return s1, s5
 
 
 def run(args):
@@ -125,6 +183,7 @@ def run(args):
     model = ckpt = fake = None
     if args.checkpoint:
         model, ckpt = load_model(args.checkpoint, device, args.image_size)
+        check_conditional(ckpt, args)
         model = model.to(memory_format=torch.channels_last)
         size = ckpt["config"]["image_size"]
     elif args.samples_dir:
@@ -144,10 +203,14 @@ def run(args):
     real_features = reference_features(extractor, real, args.cache_dir, device)
     seconds = time.perf_counter() - t0
     print(f"real: {len(real)} images at {size} px, features [{args.extractor}] in {seconds:.0f}s")
+    fake_labels = None
     if model is not None:
-        fake = sample(model, ckpt, args, precision)
+        fake, fake_labels = sample(model, ckpt, args, precision)
     if fake is not None:
-        score("samples", real_features, extract_features(extractor, fake, device=device), args)
+        fake_features = extract_features(extractor, fake, device=device)
+        score("samples", real_features, fake_features, args)
+    if args.class_fidelity:
+        class_fidelity(real_features, fake_features, fake_labels, ckpt["config"]["classes"], args)
     if args.floor:
         n = min(args.num_samples if fake is None else len(fake), len(real) // 2)
         perm = torch.randperm(len(real), generator=torch.Generator().manual_seed(args.seed))

@@ -18,7 +18,7 @@ import torch
 from torchvision.utils import save_image
 
 from lib.checkpoint import load_model
-from lib.classes import parse_classes, spread
+from lib.classes import GUIDANCE, parse_classes, spread
 from lib.cli import ArgumentParser, UserError, check_at_least, run_cli
 from lib.data import load_image
 from lib.runtime import add_device_args, setup
@@ -27,7 +27,6 @@ from lib.samplers import add_sampler_args, check_sampler_args
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "models" / "flowers64.pt"
 MAX_PANELS = 32  # a screenful: a figure of more pictures is too large to open or read
-GUIDANCE = 2.0  # classifier-free guidance scale of --class (to be set by the guidance sweep in README)
 NON_INTERACTIVE = {"agg", "pdf", "ps", "svg", "pgf", "cairo", "template"}
 
 
@@ -70,13 +69,15 @@ def get_parser():
         dest="class_spec",
         default=None,
         help="a class name (any case) or 0-based index; several, comma-separated, take turns over the "
-        "figure. Without it a conditional model paints flowers of no particular class",
+        "figure. Without it a conditional model paints flowers of no particular class (its "
+        "unconditional mode, which training kept by dropping labels)",
     )
     cond.add_argument(
         "--guidance",
         type=float,
-        default=GUIDANCE,
-        help="classifier-free guidance scale: 1 plain, higher: truer to the class",
+        default=None,
+        help=f"with --class: classifier-free guidance scale; 1 the plain conditional model, higher "
+        f"follows the class more closely, 0 ignores it (default {GUIDANCE})",
     )
     cond.add_argument("--list-classes", action="store_true", help="print the model's classes and exit")
     return p
@@ -116,7 +117,9 @@ def check_args(args):
     check_sampler_args(args)
     if args.interpolate and args.num_images < 2:
         raise UserError("--interpolate needs --num-images >= 2")
-    if args.guidance < 0:
+    if args.guidance is not None and args.class_spec is None:
+        raise UserError("--guidance steers towards a --class: give one")
+    if args.guidance is not None and args.guidance < 0:
         raise UserError(f"--guidance must be >= 0, got {args.guidance}")
     if args.interpolate and args.class_spec and "," in args.class_spec:
         raise UserError("--interpolate walks between two noises of one class: give one --class")
@@ -177,7 +180,11 @@ def sketch(model, ckpt, drawing, args, precision):
     labels = [
         caption
         for i in range(args.num_images)
-        for caption in ("drawing", f"noised to t={args.strength}", f"result{names[i] if names else ''}")
+        for caption in (
+            "drawing",
+            f"noised to t={args.strength}",
+            f"result: {names[i]}" if names else "result",
+        )
     ]
     fig_args = dict(title=f"Sketch to image (strength {args.strength})", cols=3, labels=labels)
     return torch.cat([result for _, result in rows]), panels, fig_args
@@ -195,30 +202,30 @@ def paint(model, ckpt, args, precision):
     mean, std = ckpt["norm"]["mean"], ckpt["norm"]["std"]
     labels, names = class_labels(args, ckpt)
     options = sampling_options(args, precision, labels)
-    images = generate(model, noise, mean, std, seed=args.seed, batch_size=args.batch_size, **options)
+    batch_size, steps = args.batch_size, args.steps
+    images = generate(model, noise, mean, std, steps, seed=args.seed, batch_size=batch_size, **options)
     if names:
-        fig_args["labels"] = [name.strip(": ") for name in names]
+        fig_args["labels"] = names
     return images, images, fig_args
 
 
 def class_labels(args, ckpt):
-    """--class -> (labels (num_images,) or None, captions ': name' per image or None)."""
+    """--class -> (labels (num_images,), each image's class name), or (None, None) without it."""
     if args.class_spec is None:
         return None, None
     names = ckpt["config"].get("classes", [])
     labels = spread(parse_classes(args.class_spec, names), args.num_images)
-    return labels, [f": {names[i]}" for i in labels.tolist()]
+    return labels, [names[i] for i in labels.tolist()]
 
 
 def sampling_options(args, precision, labels):
-    """generate()'s keyword arguments from the flags."""
+    """generate()'s keyword arguments from the flags, but for the steps (sketch_to_image scales them)."""
     return dict(
-        steps=args.steps,
         eta=args.eta,
         precision=precision,
         sampler=args.sampler,
         labels=labels,
-        guidance=args.guidance,
+        guidance=GUIDANCE if args.guidance is None else args.guidance,
     )
 
 

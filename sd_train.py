@@ -19,7 +19,7 @@ import torch
 from lib import distributed
 from lib.checkpoint import read_checkpoint
 from lib.cli import ArgumentParser, StopRequest, UserError, check_at_least, run_cli
-from lib.data import class_names
+from lib.data import image_labels
 from lib.diffusion import PREDICTIONS
 from lib.run_folder import check_out_dir, lock_run_folder
 from lib.runtime import add_device_args, literal_precision, setup, tune_for_training
@@ -346,7 +346,7 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
     if not resumed and args.prediction != "eps":  # what the output means travels with the network
         cfg["prediction"] = args.prediction
     if not resumed and args.class_cond and not args.dry_run:  # the names only: nothing decoded yet
-        cfg["classes"] = class_names(args.data_root, args.image_dir, args.download)
+        cfg["classes"] = image_labels(args.data_root, args.image_dir, args.download)[1]
         cfg["num_classes"] = len(cfg["classes"])
     torch.manual_seed(args.seed)
     if args.dry_run:

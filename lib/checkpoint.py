@@ -26,15 +26,17 @@ from lib.normalization import FLOWERS_MEAN, FLOWERS_STD
 from lib.unet import build_unet, check_image_size
 
 FORMAT = "flowers-ddim/1"
-# Written where the config holds what readers of /1 would ignore (a v-predicting network): those
-# readers then refuse the file instead of sampling it wrongly.
+# Written where the config holds what readers of /1 would ignore (a v-predicting network, a
+# class-conditional one): those readers then refuse the file instead of sampling it wrongly.
 FORMAT_2 = "flowers-ddim/2"
 ORIGINAL_IMAGE_SIZE = 128  # the original trained and sampled at 128 px only; its files do not say
 
 
 def make_checkpoint(config, mean, std, ema_state, train_state=None):
     ckpt = {
-        "format": FORMAT if config.get("prediction", "eps") == "eps" else FORMAT_2,
+        "format": FORMAT_2
+        if config.get("prediction", "eps") != "eps" or config.get("num_classes")
+        else FORMAT,
         "config": dict(config),
         "norm": {"mean": list(mean), "std": list(std)},
         "ema": ema_state,
@@ -139,6 +141,8 @@ def load_model(path, device="cpu", image_size=None):
             raise UserError(f"--image-size: {e}") from None
         raise UserError(f"{path} has an unusable config {cfg} ({e})") from None
     load_weights(model, ckpt["ema"], path)
+    if len(cfg.get("classes", [])) != cfg.get("num_classes", 0):
+        raise UserError(f"{path} names {len(cfg.get('classes', []))} classes for {cfg.get('num_classes', 0)}")
     prediction = cfg.get("prediction", "eps")
     if prediction not in PREDICTIONS:
         raise UserError(f"{path} has an unknown prediction {prediction!r} (known: {', '.join(PREDICTIONS)})")

@@ -7,6 +7,10 @@ import torch
 
 from lib.cli import UserError
 
+# The classifier-free guidance scale that sd_inference, sd_eval and the training-time grids and
+# KID probe use for a class-conditional model unless told otherwise: README's guidance sweep.
+GUIDANCE = 2.0
+
 
 def folder_labels(root, paths):
     """ImageFolder's rule: each image's class is its immediate subfolder under root, the classes
@@ -47,4 +51,11 @@ def parse_classes(spec, names):
 
 def spread(classes, n):
     """n labels cycling through the chosen classes: the figure shows each in turn."""
+    classes = list(classes)
     return torch.tensor([classes[i % len(classes)] for i in range(n)])
+
+
+def class_balanced(n, num_classes, guidance=GUIDANCE):
+    """generate()'s class arguments for n samples of a model with num_classes (0: unconditional,
+    none): every class in turn, guided at `guidance`."""
+    return dict(labels=spread(range(num_classes), n), guidance=guidance) if num_classes else {}

@@ -207,30 +207,43 @@ def load_images(
     return images
 
 
-def class_names(data_root="data", image_dir=None, download=False):
-    """The classes, without decoding anything: Flowers102's 102 names (torchvision's order, its
-    0-based labels), or the subfolders of --image-dir, sorted (ImageFolder's rule)."""
+TRAIN, VAL, TEST = 0, 1, 2
+
+
+def image_labels(data_root="data", image_dir=None, download=False):
+    """Each image's class in load_images' order, nothing decoded -> (labels (N,) int64, class
+    names, splits (N,) of TRAIN/VAL/TEST). Flowers102: torchvision's 0-based labels and names, its
+    own splits. --image-dir: the subfolders, sorted (ImageFolder's rule); images split 2:1:1 by
+    their position, for the class probe of sd_eval.py."""
     if image_dir:
-        return folder_labels(image_dir, ImageFiles(image_dir, None).paths)[1]
-    return flowers102(data_root, None, download).datasets[0].classes
+        labels, names = folder_labels(image_dir, ImageFiles(image_dir, None).paths)
+        return (
+            labels,
+            names,
+            torch.tensor([TRAIN, TRAIN, VAL, TEST]).repeat(len(labels) // 4 + 1)[: len(labels)],
+        )
+    splits = flowers102(data_root, None, download).datasets
+    labels = torch.tensor([y for split in splits for y in split._labels])
+    which = torch.cat([torch.full((len(split),), i) for i, split in enumerate(splits)])
+    return labels, splits[0].classes, which
 
 
 def load_labelled_images(image_size, data_root="data", image_dir=None, download=False, limit=None, **kw):
     """load_images() and each image's class -> (images, labels (N,) int64, class names)."""
-    if image_dir:
-        labels, names = folder_labels(image_dir, ImageFiles(image_dir, None).paths)
-    else:
-        splits = flowers102(data_root, None, download).datasets
-        labels, names = torch.tensor([y for split in splits for y in split._labels]), splits[0].classes
+    labels, names, _ = image_labels(data_root, image_dir, download)
     if limit is not None and limit < len(labels):
         labels = labels[fixed_subset(range(len(labels)), limit).indices]
     images = load_images(image_size, data_root, image_dir, download, limit, **kw)
+    check_all_read(images, labels)
+    return images, labels, names
+
+
+def check_all_read(images, labels):
     if len(images) != len(labels):
         raise UserError(
-            f"{len(labels) - len(images)} image(s) could not be read (named above); class-conditional "
-            "training needs every image readable: remove those files"
+            f"{len(labels) - len(images)} image(s) could not be read (named above), so the images "
+            "no longer line up with their classes: remove those files"
         )
-    return images, labels, names
 
 
 class DecodedBatches:

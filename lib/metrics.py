@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from scipy import linalg
 
+from lib.classes import class_balanced
 from lib.cli import UserError
+from lib.data import TEST, TRAIN, VAL
 from lib.files import atomic_save, read_cache
 from lib.runtime import ieee_fp32
 from lib.sample import generate, initial_noise
@@ -208,9 +210,11 @@ class KidProbe:
         device="cpu",
         cache_dir=None,
         sampler="ddim",
+        num_classes=0,
     ):
         self.extractor = EfficientNetLite0()
         self.sampler = sampler
+        self.classes = class_balanced(num_samples, num_classes)  # a conditional model: guided, balanced
         self.device, self.precision, self.steps, self.seed = device, precision, steps, seed
         self.mean, self.std = mean, std
         self.real = reference_features(self.extractor, real_images, cache_dir, device)
@@ -227,6 +231,63 @@ class KidProbe:
                 seed=self.seed,
                 precision=self.precision,
                 sampler=self.sampler,
+                **self.classes,
             )
         )
         return kid(self.real, extract_features(self.extractor, fake, device=self.device), seed=self.seed)[0]
+
+
+def fit_linear_probe(features, labels, num_classes, weight_decay, max_iter=300):
+    """Multinomial logistic regression on standardized features (L-BFGS, L2 penalty on the
+    weights) -> a function features -> class logits."""
+    mu, sd = features.mean(0), features.std(0) + 1e-6
+    x = ((features - mu) / sd).double()
+    w = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ w + b, labels) + weight_decay * w.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    w, b = w.detach(), b.detach()
+    return lambda f: ((f - mu) / sd).double() @ w + b
+
+
+def top_k(logits, labels, k):
+    """The share of rows whose true label is among the k largest logits."""
+    return (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).double().mean().item()
+
+
+class ClassProbe:
+    """Class fidelity: a linear probe of the feature space, fitted on real images of the train
+    split with its L2 penalty chosen on the val split, then refitted on both. Its accuracy on the
+    real test split is the ceiling that samples of a class-conditional model are read against."""
+
+    PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1)
+
+    def __init__(self, features, labels, splits, num_classes):
+        fit, val = splits == TRAIN, splits == VAL
+        self.num_classes = num_classes
+
+        def val_top1(penalty):
+            return top_k(
+                fit_linear_probe(features[fit], labels[fit], num_classes, penalty)(features[val]),
+                labels[val],
+                1,
+            )
+
+        self.penalty = max(self.PENALTIES, key=val_top1)
+        both = fit | val
+        self.predict = fit_linear_probe(features[both], labels[both], num_classes, self.penalty)
+        self.num_fitted = int(both.sum())
+        test = splits == TEST
+        self.ceiling = self.accuracy(features[test], labels[test])
+
+    def accuracy(self, features, labels):
+        """-> (top-1, top-5) of the probe on these features."""
+        logits = self.predict(features)
+        return top_k(logits, labels, 1), top_k(logits, labels, min(5, self.num_classes))

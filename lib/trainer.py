@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from lib import distributed
 from lib.checkpoint import make_checkpoint
+from lib.classes import class_balanced
 from lib.cli import UserError
 from lib.data import DecodedBatches, JpegBatches, epoch_order, load_images, load_labelled_images
 from lib.diffusion import as_noise_predictor
@@ -109,6 +110,7 @@ class TrainingRun:
         if resumed:
             self.restore(resumed)
         self.sample_noise = initial_noise(args.num_samples, cfg["image_size"], args.seed)
+        self.sample_classes = class_balanced(args.num_samples, cfg.get("num_classes", 0))
         self.kid_probe = None
         if kid_here:
             self.log(f"KID probe: features of the {self.n_images} training images (efficientnet-lite0)")
@@ -123,6 +125,7 @@ class TrainingRun:
                 device,
                 args.cache_dir,
                 args.sampler,
+                cfg.get("num_classes", 0),
             )
 
     def load_data(self, resumed, keep_images):
@@ -453,5 +456,6 @@ class TrainingRun:
             seed=self.args.seed,
             precision=self.training.precision,
             sampler=self.args.sampler,
+            **self.sample_classes,
         )
         save_image(grid, self.out_dir / f"epoch_{epoch}.png", nrow=4)
