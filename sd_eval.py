@@ -8,7 +8,7 @@
 The real images are prepared exactly as for training (resize, center crop to the model's size).
 Lower is better for both; read them against the floor (--floor): two sets of real images of the
 same size score the floor, not zero (FID is biased upwards at small N; KID is unbiased, ~0).
-A class-conditional model's samples take every class in turn, at the guidance of --guidance.
+A class-conditional model's samples take the real images' classes (a seeded draw), guided by --guidance.
 """
 
 import sys
@@ -17,7 +17,7 @@ import time
 import torch
 
 from lib.checkpoint import load_model
-from lib.classes import GUIDANCE, class_balanced
+from lib.classes import GUIDANCE, classes_like
 from lib.cli import ArgumentParser, UserError, check_at_least, run_cli
 from lib.data import check_all_read, image_labels, load_images
 from lib.metrics import (
@@ -120,27 +120,28 @@ def check_args(args):
     check_sampler_args(args)
     if args.guidance is not None and args.guidance < 0:
         raise UserError(f"--guidance must be >= 0, got {args.guidance}")
-    if args.class_fidelity and not args.checkpoint:
-        raise UserError("--class-fidelity needs --checkpoint: samples whose classes are known")
+    if (args.class_fidelity or args.guidance is not None) and not args.checkpoint:
+        raise UserError("--guidance and --class-fidelity need --checkpoint: samples whose classes are known")
 
 
-def check_conditional(ckpt, args):
-    """--guidance and --class-fidelity need a class-conditional checkpoint."""
-    if not ckpt["config"].get("num_classes") and (args.guidance is not None or args.class_fidelity):
-        raise UserError(
-            f"{args.checkpoint} is not class-conditional: --guidance and --class-fidelity need one "
-            "(sd_train.py --class-cond)"
-        )
+def real_classes(classes, num_real, data_root, image_dir=None, download=False):
+    """The real images' labels and splits (lib.data.image_labels), which must be of the classes
+    the model knows -> (labels (N,), splits (N,))."""
+    labels, names, splits = image_labels(data_root, image_dir, download)
+    if names != classes:
+        raise UserError(f"the model was trained on other classes than the real images' {len(names)}")
+    check_all_read(range(num_real), labels)
+    return labels, splits
 
 
-def sample(model, ckpt, args, precision):
-    """--num-samples images from the checkpoint's EMA network -> (uint8 (N, 3, S, S), their
-    classes (N,) or None)."""
+def sample(model, ckpt, args, precision, real_labels=None):
+    """--num-samples images from the checkpoint's EMA network -> uint8 (N, 3, S, S) and, for a
+    class-conditional model, their classes (drawn like real_labels) or None."""
     t0 = time.perf_counter()
     noise = initial_noise(args.num_samples, ckpt["config"]["image_size"], args.seed)
     mean, std = ckpt["norm"]["mean"], ckpt["norm"]["std"]
     guidance = GUIDANCE if args.guidance is None else args.guidance
-    classes = class_balanced(args.num_samples, ckpt["config"].get("num_classes", 0), guidance)
+    labels = None if real_labels is None else classes_like(real_labels, args.num_samples, args.seed)
     images = generate(
         model,
         noise,
@@ -152,45 +153,27 @@ def sample(model, ckpt, args, precision):
         precision=precision,
         batch_size=args.batch_size,
         sampler=args.sampler,
-        **classes,
+        labels=labels,
+        guidance=guidance,
     )
     seconds = time.perf_counter() - t0
     how = f"{args.sampler}, {args.steps} evaluations" + (f", eta {args.eta}" if args.eta else "")
-    how += f", every class in turn at guidance {guidance:g}" if classes else ""
+    how += f", classes as the real images', guidance {guidance:g}" if labels is not None else ""
     print(f"generated {len(images)} samples ({how}) in {seconds:.0f}s")
-    return to_uint8(images), classes.get("labels")
+    return to_uint8(images), labels
 
 
-def class_fidelity(real_features, fake_features, fake_labels, classes, args):
-    """The samples' class top-1 and top-5 under ClassProbe, against the real test images'."""
-    labels, names, splits = image_labels(args.data_root, args.image_dir, args.download)
-    if names != classes:
-        raise UserError(f"{args.checkpoint} was trained on other classes than the real images' {len(names)}")
-    check_all_read(real_features, labels)
-    probe = ClassProbe(real_features, labels, splits, len(names))
-    name = f"class probe [{args.extractor}, L2 {probe.penalty:g}, fitted on {probe.num_fitted} real images]"
+def class_fidelity(probe, fake_features, fake_labels, extractor):
+    """Print the samples' class top-1 and top-5 under the probe, against the real test images'."""
     top1, top5 = probe.ceiling
+    name = f"class probe [{extractor}, L2 {probe.penalty:g}, fitted on {probe.num_fitted} real images]"
     print(f"{name}: real test images top-1 {top1:.3f}, top-5 {top5:.3f}")
     s1, s5 = probe.accuracy(fake_features, fake_labels)
-    print(f"samples: top-1 {s1:.3f}, top-5 {s5:.3f} ({s1 / top1:.2f}x the real top-1)")
-    return s1, s5
+    print(f"samples: top-1 {s1:.3f}, top-5 {s5:.3f} ({s1 / max(top1, 1e-9):.2f}x the real top-1)")
 
 
-def run(args):
-    check_args(args)
-    device, precision = setup(args.device, args.precision)
-    t0 = time.perf_counter()
-    model = ckpt = fake = None
-    if args.checkpoint:
-        model, ckpt = load_model(args.checkpoint, device, args.image_size)
-        check_conditional(ckpt, args)
-        model = model.to(memory_format=torch.channels_last)
-        size = ckpt["config"]["image_size"]
-    elif args.samples_dir:
-        fake = load_images(args.image_size or 64, image_dir=args.samples_dir)
-        size = fake.shape[-1]
-    else:
-        size = args.image_size or 64
+def load_real(size, args, device):
+    """-> (the --extractor network, the real images' features, cached)."""
     real = load_images(
         size,
         args.data_root,
@@ -200,20 +183,44 @@ def run(args):
         cache_dir=args.cache_dir,
     )
     extractor = build_extractor(args.extractor, args.inception_weights)
-    real_features = reference_features(extractor, real, args.cache_dir, device)
+    return extractor, reference_features(extractor, real, args.cache_dir, device)
+
+
+def run(args):
+    check_args(args)
+    device, precision = setup(args.device, args.precision)
+    t0 = time.perf_counter()
+    model = ckpt = fake = None
+    if args.checkpoint:
+        model, ckpt = load_model(args.checkpoint, device, args.image_size)
+        if not ckpt["config"].get("num_classes") and (args.guidance is not None or args.class_fidelity):
+            raise UserError(f"{args.checkpoint} is not class-conditional (sd_train.py --class-cond)")
+        model = model.to(memory_format=torch.channels_last)
+        size = ckpt["config"]["image_size"]
+    elif args.samples_dir:
+        fake = load_images(args.image_size or 64, image_dir=args.samples_dir)
+        size = fake.shape[-1]
+    else:
+        size = args.image_size or 64
+    extractor, real_features = load_real(size, args, device)
     seconds = time.perf_counter() - t0
-    print(f"real: {len(real)} images at {size} px, features [{args.extractor}] in {seconds:.0f}s")
-    fake_labels = None
+    print(f"real: {len(real_features)} images at {size} px, features [{args.extractor}] in {seconds:.0f}s")
+    real_labels = splits = fake_labels = None
+    if ckpt is not None and ckpt["config"].get("num_classes"):
+        real_labels, splits = real_classes(
+            ckpt["config"]["classes"], len(real_features), args.data_root, args.image_dir, args.download
+        )
     if model is not None:
-        fake, fake_labels = sample(model, ckpt, args, precision)
+        fake, fake_labels = sample(model, ckpt, args, precision, real_labels)
     if fake is not None:
         fake_features = extract_features(extractor, fake, device=device)
         score("samples", real_features, fake_features, args)
     if args.class_fidelity:
-        class_fidelity(real_features, fake_features, fake_labels, ckpt["config"]["classes"], args)
+        probe = ClassProbe(real_features, real_labels, splits, ckpt["config"]["num_classes"])
+        class_fidelity(probe, fake_features, fake_labels, args.extractor)
     if args.floor:
-        n = min(args.num_samples if fake is None else len(fake), len(real) // 2)
-        perm = torch.randperm(len(real), generator=torch.Generator().manual_seed(args.seed))
+        n = min(args.num_samples if fake is None else len(fake), len(real_features) // 2)
+        perm = torch.randperm(len(real_features), generator=torch.Generator().manual_seed(args.seed))
         score("floor (real vs real)", real_features[perm[n:]], real_features[perm[:n]], args)
     print(f"total {time.perf_counter() - t0:.0f}s")
 

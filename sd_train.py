@@ -311,8 +311,8 @@ def check_args(args, ctx, device):
     check_at_least(args, epochs=1, batch_size=1, save_every=1, sample_every=1, num_samples=1, sample_steps=1)
     check_at_least(args, num_workers=0, early_stop=1, lr_patience=0, min_lr=0.0)
     check_at_least(args, eval_every=0, eval_samples=2, eval_steps=1)
-    if not 0.0 <= args.label_dropout < 1.0:
-        raise UserError(f"--label-dropout must be in [0, 1), got {args.label_dropout}")
+    if not 0.0 < args.label_dropout < 1.0:  # guidance and class-free samples need the "no class" vector
+        raise UserError(f"--label-dropout must be in (0, 1), got {args.label_dropout}")
     if args.class_cond and args.literal:
         raise UserError("--class-cond trains on the fast path only: drop --literal")
     need = MIN_EVALUATIONS[args.sampler]
@@ -345,7 +345,7 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
         raise UserError(str(e)) from None
     if not resumed and args.prediction != "eps":  # what the output means travels with the network
         cfg["prediction"] = args.prediction
-    if not resumed and args.class_cond and not args.dry_run:  # the names only: nothing decoded yet
+    if not resumed and args.class_cond:  # the names only: nothing decoded yet
         cfg["classes"] = image_labels(args.data_root, args.image_dir, args.download)[1]
         cfg["num_classes"] = len(cfg["classes"])
     torch.manual_seed(args.seed)

@@ -19,8 +19,7 @@ def folder_labels(root, paths):
     parents = [Path(p).relative_to(root).parts[:-1] for p in paths]
     if any(not parts for parts in parents):
         raise UserError(
-            f"--class-cond with --image-dir needs one subfolder per class under {root} "
-            "(images directly in it have no class)"
+            f"classes need one subfolder per class under {root} (images directly in it have none)"
         )
     names = sorted({parts[0] for parts in parents})
     index = {name: i for i, name in enumerate(names)}
@@ -28,7 +27,7 @@ def folder_labels(root, paths):
 
 
 def parse_classes(spec, names):
-    """--class "sunflower,3" -> [class indices]: names case-insensitive, or 0-based indices."""
+    """--class "sunflower,3" -> [class indices]: a name (any case) first, else a 0-based index."""
     if not names:
         raise UserError(
             "--class needs a class-conditional model (trained with --class-cond); this one is not"
@@ -36,10 +35,10 @@ def parse_classes(spec, names):
     lower = {name.lower(): i for i, name in enumerate(names)}
     chosen = []
     for item in (part.strip() for part in spec.split(",")):
-        if item.isdigit() and int(item) < len(names):
-            chosen.append(int(item))
-        elif item.lower() in lower:
+        if item.lower() in lower:
             chosen.append(lower[item.lower()])
+        elif item.isdigit() and int(item) < len(names):
+            chosen.append(int(item))
         else:
             near = difflib.get_close_matches(item.lower(), list(lower), n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(repr(names[lower[n]]) for n in near)}?" if near else ""
@@ -55,7 +54,15 @@ def spread(classes, n):
     return torch.tensor([classes[i % len(classes)] for i in range(n)])
 
 
-def class_balanced(n, num_classes, guidance=GUIDANCE):
-    """generate()'s class arguments for n samples of a model with num_classes (0: unconditional,
-    none): every class in turn, guided at `guidance`."""
-    return dict(labels=spread(range(num_classes), n), guidance=guidance) if num_classes else {}
+def classes_across(n, num_classes):
+    """n labels spread evenly over all the classes (the training-time sample grids)."""
+    return torch.arange(n) * num_classes // n
+
+
+def classes_like(labels, n, seed=0):
+    """n labels drawn from the real images' own (a seeded draw, without replacement while they
+    last). Samples scored against real images need the real class frequencies (Flowers102 has
+    40 to 258 images a class): KID and FID would count any other mix as lost quality."""
+    g = torch.Generator().manual_seed(seed)
+    draws = [labels[torch.randperm(len(labels), generator=g)] for _ in range(-(-n // len(labels)))]
+    return torch.cat(draws)[:n]

@@ -241,8 +241,8 @@ def load_labelled_images(image_size, data_root="data", image_dir=None, download=
 def check_all_read(images, labels):
     if len(images) != len(labels):
         raise UserError(
-            f"{len(labels) - len(images)} image(s) could not be read (named above), so the images "
-            "no longer line up with their classes: remove those files"
+            f"only {len(images)} of the {len(labels)} labelled images could be read, so images and "
+            "classes no longer line up: remove the unreadable files"
         )
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from scipy import linalg
 
-from lib.classes import class_balanced
+from lib.classes import GUIDANCE, classes_like
 from lib.cli import UserError
 from lib.data import TEST, TRAIN, VAL
 from lib.files import atomic_save, read_cache
@@ -210,11 +210,14 @@ class KidProbe:
         device="cpu",
         cache_dir=None,
         sampler="ddim",
-        num_classes=0,
+        real_labels=None,
     ):
         self.extractor = EfficientNetLite0()
         self.sampler = sampler
-        self.classes = class_balanced(num_samples, num_classes)  # a conditional model: guided, balanced
+        # A class-conditional model: the real images' classes, at the default guidance.
+        self.classes = {}
+        if real_labels is not None:
+            self.classes = dict(labels=classes_like(real_labels, num_samples, seed), guidance=GUIDANCE)
         self.device, self.precision, self.steps, self.seed = device, precision, steps, seed
         self.mean, self.std = mean, std
         self.real = reference_features(self.extractor, real_images, cache_dir, device)
@@ -240,7 +243,10 @@ class KidProbe:
 def fit_linear_probe(features, labels, num_classes, weight_decay, max_iter=300):
     """Multinomial logistic regression on standardized features (L-BFGS, L2 penalty on the
     weights) -> a function features -> class logits."""
-    mu, sd = features.mean(0), features.std(0) + 1e-6
+    # A floor relative to the typical spread: a feature nearly constant on real images must not
+    # blow up on samples.
+    mu, sd = features.mean(0), features.std(0)
+    sd = sd.clamp_min(1e-2 * sd.mean().item() + 1e-12)
     x = ((features - mu) / sd).double()
     w = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
@@ -280,7 +286,7 @@ class ClassProbe:
                 1,
             )
 
-        self.penalty = max(self.PENALTIES, key=val_top1)
+        self.penalty = max(reversed(self.PENALTIES), key=val_top1)  # a tie: the stronger penalty
         both = fit | val
         self.predict = fit_linear_probe(features[both], labels[both], num_classes, self.penalty)
         self.num_fitted = int(both.sum())

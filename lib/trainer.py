@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from lib import distributed
 from lib.checkpoint import make_checkpoint
-from lib.classes import class_balanced
+from lib.classes import GUIDANCE, classes_across
 from lib.cli import UserError
 from lib.data import DecodedBatches, JpegBatches, epoch_order, load_images, load_labelled_images
 from lib.diffusion import as_noise_predictor
@@ -95,7 +95,7 @@ class TrainingRun:
         )
         self.time_up = False
         kid_here = args.eval_every > 0 and ctx.is_main
-        images = self.load_data(resumed, keep_images=kid_here)
+        images, labels = self.load_data(resumed, keep_images=kid_here)
         self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.training.opt,
             mode="min",
@@ -110,7 +110,11 @@ class TrainingRun:
         if resumed:
             self.restore(resumed)
         self.sample_noise = initial_noise(args.num_samples, cfg["image_size"], args.seed)
-        self.sample_classes = class_balanced(args.num_samples, cfg.get("num_classes", 0))
+        self.sample_classes = {}  # a class-conditional model's grids: classes across the range, guided
+        if cfg.get("num_classes"):
+            self.sample_classes = dict(
+                labels=classes_across(args.num_samples, cfg["num_classes"]), guidance=GUIDANCE
+            )
         self.kid_probe = None
         if kid_here:
             self.log(f"KID probe: features of the {self.n_images} training images (efficientnet-lite0)")
@@ -125,11 +129,12 @@ class TrainingRun:
                 device,
                 args.cache_dir,
                 args.sampler,
-                cfg.get("num_classes", 0),
+                labels,
             )
 
     def load_data(self, resumed, keep_images):
-        """Set the batch source and the normalization -> the decoded images (or None).
+        """Set the batch source and the normalization -> the decoded images (or None) and, for a
+        class-conditional model, their labels (else None).
 
         The fast path trains on the images decoded once; the literal path decodes every epoch and
         needs them whole only for their statistics (--image-dir, --norm-stats data) or the KID
@@ -180,7 +185,7 @@ class TrainingRun:
             f"{self.device} {self.training.precision}{' literal path' if args.literal else ''}, "
             f"{ctx.world_size} process(es) x batch {args.batch_size}, {steps} steps per epoch"
         )
-        return images
+        return images, labels
 
     def restore(self, resumed):
         """Put the run back where its checkpoint left it (weights, optimizer, schedule, RNG, progress)."""

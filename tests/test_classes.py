@@ -12,7 +12,7 @@ import sd_train
 from conftest import TINY, run_args
 from lib import training
 from lib.checkpoint import FORMAT_2, load_model, make_checkpoint
-from lib.classes import class_balanced, parse_classes, spread
+from lib.classes import classes_across, classes_like, parse_classes, spread
 from lib.cli import UserError
 from lib.data import TEST, TRAIN, VAL, DecodedBatches, image_labels, load_labelled_images
 from lib.diffusion import Guided
@@ -120,9 +120,19 @@ def test_class_names_indices_and_near_misses():
         parse_classes("3", names)
     with pytest.raises(UserError, match="class-conditional model"):
         parse_classes("sunflower", [])
+    assert parse_classes("10,2", ["1", "10", "2"]) == [1, 2]  # a class named "10" before index 10
     assert spread([4, 7], 5).tolist() == [4, 7, 4, 7, 4]
-    assert class_balanced(4, 0) == {}
-    assert class_balanced(5, 3, 1.5)["labels"].tolist() == [0, 1, 2, 0, 1]
+    assert classes_across(4, 102).tolist() == [0, 25, 51, 76]
+
+
+def test_samples_scored_against_real_images_get_the_real_class_frequencies():
+    real = torch.tensor([0] * 30 + [1] * 10)
+    drawn = classes_like(real, 20, seed=3)
+    assert torch.equal(drawn, classes_like(real, 20, seed=3))
+    assert drawn.bincount().tolist() != [10, 10]  # not balanced: ~15 and ~5
+    assert sorted(classes_like(real, 40).tolist()) == sorted(real.tolist())  # all of them once
+    zeros, ones = classes_like(real, 100).bincount().tolist()  # two whole draws, then part of one
+    assert zeros >= 60 and ones >= 20 and zeros + ones == 100
 
 
 def save_conditional(path, classes=CONDITIONAL["classes"]):
@@ -186,7 +196,7 @@ def test_class_conditional_training_inference_and_class_fidelity(tmp_path, capsy
     args += ["--steps", "2", "--kid-subsets", "2", "--cache-dir", str(tmp_path / "cache")]
     assert sd_eval.main([*args, "--class-fidelity"]) == 0
     out = capsys.readouterr().out
-    assert "every class in turn at guidance 2" in out and "real test images top-1 1.000" in out
+    assert "classes as the real images', guidance 2" in out and "real test images top-1 1.000" in out
     assert "samples: top-1" in out
     assert sd_eval.main([*args, "--class-fidelity", "--guidance", "-1"]) == 2
 
@@ -197,8 +207,10 @@ def test_bad_class_flags_are_one_line_errors(data_root, tmp_path, capsys):
     Image.new("RGB", (40, 40)).save(flat / "a.png")
     assert sd_train.main(["--image-dir", str(flat), "--class-cond", "--out-dir", str(tmp_path / "r")]) == 2
     assert "one subfolder per class" in capsys.readouterr().err
-    assert sd_train.main(run_args(data_root, tmp_path / "r", "--class-cond", "--label-dropout", "1")) == 2
-    assert "--label-dropout must be in [0, 1)" in capsys.readouterr().err
+    for dropout in ("0", "1"):  # without dropped labels no "no class" vector is learnt
+        flags = run_args(data_root, tmp_path / "r", "--class-cond", "--label-dropout", dropout)
+        assert sd_train.main(flags) == 2
+        assert "--label-dropout must be in (0, 1)" in capsys.readouterr().err
     assert sd_train.main(run_args(data_root, tmp_path / "r", "--class-cond", "--literal")) == 2
     assert "drop --literal" in capsys.readouterr().err
     assert sd_train.main(run_args(data_root, tmp_path / "u", "--epochs", "1")) == 0

@@ -1,0 +1,248 @@
+"""Draw a flower in the browser: a local page that turns a drawing into flowers (SDEdit) or paints
+them from noise, with the model loaded once.
+
+    python sd_app.py                                  # then open the address it prints
+    python sd_app.py --checkpoint runs/x/best.pt --port 8000
+
+The page and everything it needs are served from this machine (no CDN): it works offline. The
+model answers one request at a time, in turn (one lock); bad input gets a message and a 4xx
+status, and the server keeps serving. Nothing a client sends is used as a file path.
+"""
+
+import base64
+import io
+import json
+import math
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from flask import Flask, jsonify, request, send_from_directory
+from PIL import Image
+from werkzeug.exceptions import HTTPException
+from werkzeug.serving import make_server
+
+from lib.checkpoint import load_model
+from lib.classes import GUIDANCE, parse_classes, spread
+from lib.cli import ArgumentParser, UserError, run_cli
+from lib.data import resize_crop, to_rgb
+from lib.metrics import to_uint8
+from lib.runtime import add_device_args, setup
+from lib.sample import generate, initial_noise, sketch_to_image
+from lib.samplers import MIN_EVALUATIONS, SAMPLERS
+from sd_inference import checkpoint_path
+
+PAGE = Path(__file__).resolve().parent / "web"
+MAX_REQUEST = 4 * 2**20  # bytes; a drawing as a PNG data URL is tens of KB
+MAX_PIXELS = 2048 * 2048  # a drawing's size, read before decoding it (no decompression bombs)
+DRAWING_FORMATS = ["PNG", "JPEG", "WEBP", "BMP", "GIF"]  # Pillow's others (EPS: Ghostscript) stay out
+MAX_IMAGES, MAX_STEPS, MAX_GUIDANCE = 8, 100, 20.0
+
+
+class BadRequest(ValueError):
+    """What the client sent cannot be painted: the message goes back with status 400."""
+
+
+def number(body, key, default, kind, low, high):
+    """body[key] (or the default) as int or float within [low, high], else BadRequest."""
+    value = body.get(key, default)
+    what = "a whole number" if kind is int else "a number"
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise BadRequest(f"{key} must be {what}, got {str(value)[:20]}")  # JSON allows NaN, Infinity
+    if kind is int and value != int(value):
+        raise BadRequest(f"{key} must be {what}, got {value!r}")
+    if not low <= value <= high:
+        raise BadRequest(f"{key} must be between {low:g} and {high:g}, got {str(value)[:20]}")
+    return kind(value)
+
+
+def read_drawing(data_url, size):
+    """'data:image/...;base64,...' -> (1, 3, size, size) uint8, as sd_inference reads --init-image."""
+    if not isinstance(data_url, str):
+        raise BadRequest("drawing must be an image as a data URL (data:image/png;base64,...)")
+    try:
+        raw = base64.b64decode(data_url.partition("base64,")[2], validate=True)
+        with Image.open(io.BytesIO(raw), formats=DRAWING_FORMATS) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise BadRequest(f"the drawing is {img.width}x{img.height}: at most 2048x2048, please")
+            return resize_crop(size)(to_rgb(img))[None]
+    except BadRequest:
+        raise
+    except Exception:  # any decoder failure: truncated, not an image, a format left out
+        raise BadRequest(
+            "the drawing is not an image this server can read (PNG, JPEG, WebP, BMP, GIF)"
+        ) from None
+
+
+def data_url(image):
+    """(3, H, W) float in [0, 1] -> a PNG as a data URL, which the page shows and downloads."""
+    buffer = io.BytesIO()
+    Image.fromarray(to_uint8(image[None])[0].permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+class Painter:
+    """The model, loaded once, and the lock that has requests sampled one at a time."""
+
+    def __init__(self, checkpoint, device="cpu", precision="fp32"):
+        self.model, ckpt = load_model(checkpoint, device)
+        self.model = self.model.to(memory_format=torch.channels_last)
+        self.mean, self.std = ckpt["norm"]["mean"], ckpt["norm"]["std"]
+        self.size, self.precision = ckpt["config"]["image_size"], precision
+        self.classes = ckpt["config"].get("classes", [])
+        self.lock = threading.Lock()
+
+    def info(self):
+        """What the page needs to build its controls."""
+        return dict(
+            image_size=self.size,
+            classes=self.classes,
+            samplers={name: MIN_EVALUATIONS[name] for name in SAMPLERS},
+            max_images=MAX_IMAGES,
+            max_steps=MAX_STEPS,
+            guidance=GUIDANCE,
+        )
+
+    def options(self, body):
+        """A request's JSON -> keyword arguments of paint(); BadRequest names the first bad field."""
+        sampler = body.get("sampler", "ddim")
+        if not isinstance(sampler, str) or sampler not in SAMPLERS:
+            raise BadRequest(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        opts = dict(
+            sampler=sampler,
+            steps=number(body, "steps", 20, int, MIN_EVALUATIONS[sampler], MAX_STEPS),
+            seed=number(body, "seed", 0, int, 0, 2**31 - 1),
+            num_images=number(body, "num_images", 4, int, 1, MAX_IMAGES),
+            strength=number(body, "strength", 0.6, float, 0.05, 1.0),
+            guidance=number(body, "guidance", GUIDANCE, float, 0.0, MAX_GUIDANCE),
+            drawing=None if body.get("drawing") is None else read_drawing(body["drawing"], self.size),
+            labels=None,
+        )
+        if body.get("class") not in (None, ""):
+            opts["labels"] = spread([self.class_index(body["class"])], opts["num_images"])
+        return opts
+
+    def class_index(self, value):
+        """A class as its 0-based index (what the page sends) or its name (any case)."""
+        if not self.classes:
+            raise BadRequest(
+                "class needs a class-conditional model (sd_train.py --class-cond); this one is not"
+            )
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not 0 <= value < len(self.classes):
+                raise BadRequest(f"class must be an index from 0 to {len(self.classes) - 1}, got {value}")
+            return value
+        by_name = {name.lower(): i for i, name in enumerate(self.classes)}
+        if str(value).lower() in by_name:  # a name may hold a comma
+            return by_name[str(value).lower()]
+        try:
+            chosen = parse_classes(str(value), self.classes)
+        except UserError as e:
+            raise BadRequest(str(e).replace("--class", "class").replace(" (--list-classes)", "")) from None
+        if len(chosen) != 1:
+            raise BadRequest(f"class must be one class, got {value!r}")
+        return chosen[0]
+
+    def paint(self, sampler, steps, seed, num_images, strength, guidance, drawing, labels):
+        """-> (num_images, 3, S, S) floats: from the drawing (one result per seed, seed + i, as
+        sd_inference.py --init-image), or from noise."""
+        common = dict(sampler=sampler, precision=self.precision, guidance=guidance)
+        with self.lock:
+            if drawing is None:
+                noise = initial_noise(num_images, self.size, seed)
+                return generate(
+                    self.model, noise, self.mean, self.std, steps, seed=seed, labels=labels, **common
+                )
+            return torch.cat(
+                [
+                    sketch_to_image(
+                        self.model,
+                        drawing,
+                        self.mean,
+                        self.std,
+                        strength,
+                        steps,
+                        seed + i,
+                        labels=None if labels is None else labels[i : i + 1],
+                        **common,
+                    )[1]
+                    for i in range(num_images)
+                ]
+            )
+
+
+def create_app(painter):
+    app = Flask(__name__, static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST
+
+    @app.get("/")
+    def index():
+        return send_from_directory(PAGE, "index.html")
+
+    @app.get("/api/info")
+    def info():
+        return jsonify(painter.info())
+
+    @app.post("/api/paint")
+    def paint():
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            return jsonify(error="send the settings as a JSON object"), 400
+        try:
+            options = painter.options(body)
+        except BadRequest as e:
+            return jsonify(error=str(e)), 400
+        t0 = time.perf_counter()
+        images = painter.paint(**options)
+        return jsonify(images=[data_url(img) for img in images], seconds=round(time.perf_counter() - t0, 3))
+
+    @app.errorhandler(HTTPException)
+    def http_error(e):  # 404, 405, 413 (MAX_REQUEST) ...: a JSON message the page can show
+        response = e.get_response()  # keeps headers such as a 405's Allow
+        message = f"the request is over {MAX_REQUEST // 2**20} MB" if e.code == 413 else e.description
+        response.data, response.content_type = json.dumps({"error": message}), "application/json"
+        return response
+
+    return app
+
+
+def get_parser():
+    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", default=None, help="default: the shipped model, models/flowers64.pt")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines too")
+    p.add_argument("--port", type=int, default=7860, help="0 picks a free one")
+    add_device_args(p, "for sampling")
+    return p
+
+
+def serve(painter, host, port):
+    """A threaded server (each request waits its turn at the model's lock) -> the server."""
+    try:
+        return make_server(host, port, create_app(painter), threaded=True)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e}); try another --port") from None
+
+
+def run(args):
+    device, precision = setup(args.device, args.precision)
+    painter = Painter(checkpoint_path(args.checkpoint), device, precision)
+    server = serve(painter, args.host, args.port)
+    classes = f", {len(painter.classes)} classes" if painter.classes else ""
+    print(f"model: {painter.size} px{classes}, {device} {precision}")
+    print(f"open http://{args.host}:{server.server_port}/ in a browser (Ctrl-C stops the server)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:  # the usual way to stop a server: not an error
+        print("stopped")
+    finally:
+        server.server_close()
+
+
+def main(argv=None):
+    return run_cli(run, get_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""sd_app.py: the API (a drawing in, flowers out; every bad input a 4xx with a message, and the
+server still serving), requests in parallel, and the page in a real headless Chromium."""
+
+import base64
+import io
+import json
+import os
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from http.client import HTTPConnection
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from conftest import ROOT, TINY
+from lib.checkpoint import make_checkpoint
+from lib.files import atomic_save
+from lib.unet import build_unet
+from sd_app import MAX_REQUEST, Painter, create_app, serve
+
+SHIPPED = ROOT / "models" / "flowers64.pt"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def png_url(img):
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def drawn():
+    img = Image.new("RGB", (200, 150), "white")
+    ImageDraw.Draw(img).ellipse((60, 30, 140, 110), fill=(230, 40, 40))
+    return png_url(img)
+
+
+def decode(url):
+    return torch.tensor(list(Image.open(io.BytesIO(base64.b64decode(url.split(",")[1]))).getdata()))
+
+
+@pytest.fixture(scope="module")
+def painter():
+    return Painter(SHIPPED)
+
+
+@pytest.fixture(scope="module")
+def client(painter):
+    return create_app(painter).test_client()
+
+
+def test_a_drawing_in_gives_that_many_flowers_of_the_models_size(client):
+    reply = client.post("/api/paint", json=dict(drawing=drawn(), num_images=3, steps=4, seed=5))
+    assert reply.status_code == 200, reply.json
+    images = [decode(url) for url in reply.json["images"]]
+    assert len(images) == 3 and all(img.shape == (64 * 64, 3) for img in images)
+    again = client.post("/api/paint", json=dict(drawing=drawn(), num_images=1, steps=4, seed=5)).json
+    assert again["images"][0] == reply.json["images"][0]  # seed 5 is seed 5
+    noise = client.post("/api/paint", json=dict(num_images=2, steps=4)).json["images"]
+    assert len(noise) == 2 and noise[0] != reply.json["images"][0]
+
+
+def test_the_page_and_its_settings_are_served(client):
+    assert b"<canvas" in client.get("/").data
+    info = client.get("/api/info").json
+    assert info["image_size"] == 64 and info["classes"] == [] and info["samplers"]["heun"] == 3
+
+
+@pytest.mark.parametrize(
+    "body,status,message",
+    [
+        (dict(steps=0), 400, "steps must be between 1 and 100"),
+        (dict(steps=2, sampler="heun"), 400, "steps must be between 3 and 100"),
+        (dict(strength=1.5, drawing=None), 400, "strength must be between"),
+        (dict(num_images=9), 400, "num_images must be between 1 and 8"),
+        (dict(seed="x"), 400, "seed must be a whole number"),
+        (dict(sampler="euler"), 400, "sampler must be one of ddim"),
+        (dict(drawing="data:image/png;base64,aGVsbG8="), 400, "not an image this server can read"),
+        (dict(drawing="../../etc/passwd"), 400, "not an image this server can read"),
+        (dict(drawing=png_url(Image.new("RGB", (5000, 5000)))), 400, "at most 2048x2048"),
+        (dict(sampler=["ddim"]), 400, "sampler must be one of"),
+        (dict(guidance=1e400), 400, "guidance must be a number"),
+        (dict(drawing=5), 400, "drawing must be an image as a data URL"),
+        (dict(**{"class": "sunflower"}), 400, "needs a class-conditional model"),
+        ([1, 2], 400, "JSON object"),
+    ],
+)
+def test_bad_input_is_a_4xx_with_a_message_and_the_server_keeps_serving(client, body, status, message):
+    reply = client.post("/api/paint", json=body)
+    assert reply.status_code == status and message in reply.json["error"]
+    assert client.post("/api/paint", json=dict(num_images=1, steps=2)).status_code == 200
+
+
+def test_numbers_json_allows_but_python_would_choke_on(client):
+    for raw in ('{"steps": NaN}', '{"steps": Infinity}', '{"seed": ' + "9" * 400 + "}"):
+        reply = client.post("/api/paint", data=raw, content_type="application/json")
+        assert reply.status_code == 400 and "must be" in reply.json["error"], raw
+
+
+def test_oversized_and_odd_requests(client):
+    huge = Image.frombytes("RGB", (1300, 1300), os.urandom(1300 * 1300 * 3))  # noise does not compress
+    reply = client.post("/api/paint", json=dict(drawing=png_url(huge), num_images=1))
+    assert reply.status_code == 413 and "over 4 MB" in reply.json["error"]
+    assert MAX_REQUEST == 4 * 2**20
+    reply = client.post("/api/paint", data="steps=3", content_type="text/plain")
+    assert reply.status_code == 400 and "JSON object" in reply.json["error"]
+    reply = client.get("/api/paint")
+    assert reply.status_code == 405 and reply.headers["Allow"] and "error" in reply.json
+    assert client.get("/etc/passwd").status_code == 404
+
+
+def test_a_conditional_model_paints_the_class_asked_for(tmp_path):
+    torch.manual_seed(0)
+    cfg = dict(TINY, num_classes=2, classes=["rose", "tulip"])
+    net = build_unet(cfg).eval()
+    atomic_save(make_checkpoint(cfg, [0.5] * 3, [0.25] * 3, net.state_dict()), tmp_path / "c.pt")
+    client = create_app(Painter(tmp_path / "c.pt")).test_client()
+    assert client.get("/api/info").json["classes"] == ["rose", "tulip"]
+    body = dict(num_images=1, steps=2, seed=1)
+    rose = client.post("/api/paint", json={**body, "class": "rose", "guidance": 3}).json["images"]
+    tulip = client.post("/api/paint", json={**body, "class": "Tulip", "guidance": 3}).json["images"]
+    assert rose != tulip
+    assert client.post("/api/paint", json={**body, "class": 1, "guidance": 3}).json["images"] == tulip
+    reply = client.post("/api/paint", json={**body, "class": 2})
+    assert reply.status_code == 400 and "index from 0 to 1" in reply.json["error"]
+    reply = client.post("/api/paint", json={**body, "class": "tulp"})
+    assert reply.status_code == 400 and "did you mean 'tulip'" in reply.json["error"]
+
+
+@pytest.fixture(scope="module")
+def server(painter):
+    srv = serve(painter, "127.0.0.1", 0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def post(port, body):
+    """-> (status, JSON reply) of a POST /api/paint over a real socket."""
+    conn = HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request("POST", "/api/paint", body=body, headers={"Content-Type": "application/json"})
+    reply = conn.getresponse()
+    return reply.status, json.loads(reply.read())
+
+
+def test_eight_requests_at_once_are_all_answered_as_one_by_one(server):
+    bodies = [json.dumps(dict(num_images=2, steps=3, seed=seed)) for seed in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda body: post(server.server_port, body), bodies))
+    alone = [post(server.server_port, body) for body in bodies]
+    assert [status for status, _ in together] == [200] * 8
+    assert [reply["images"] for _, reply in together] == [reply["images"] for _, reply in alone]
+
+
+def test_an_oversized_request_gets_its_413_over_a_real_socket(server):
+    status, reply = post(server.server_port, json.dumps(dict(drawing="A" * (5 * 2**20))))
+    assert status == 413 and "over 4 MB" in reply["error"]
+    assert post(server.server_port, json.dumps(dict(num_images=1, steps=2)))[0] == 200
+
+
+def test_drawing_in_a_real_browser(server):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -r requirements-dev.txt")
+    if not shutil.which(CHROMIUM):
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"]
+    flags += ["--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=flags)
+        page = browser.new_page(viewport={"width": 1100, "height": 620})
+        page.goto(f"http://127.0.0.1:{server.server_port}/")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('model:')")
+        page.fill("#num-images", "3")
+        page.click("button[data-size='28']")
+        box = page.locator("#canvas").bounding_box()
+        for colour, points in (
+            ("#e53935", [(0.3, 0.3), (0.7, 0.3), (0.7, 0.6), (0.3, 0.6), (0.3, 0.3)]),
+            ("#43a047", [(0.5, 0.6), (0.5, 0.95)]),
+        ):
+            page.click(f"button[title='{colour}']")
+            page.mouse.move(box["x"] + points[0][0] * box["width"], box["y"] + points[0][1] * box["height"])
+            page.mouse.down()
+            for x, y in points[1:]:
+                page.mouse.move(box["x"] + x * box["width"], box["y"] + y * box["height"], steps=8)
+            page.mouse.up()
+        page.click("#paint")
+        page.wait_for_function(
+            "document.querySelectorAll('#results figure.result').length === 3", timeout=120_000
+        )
+        page.screenshot(path=str(ROOT / "docs" / "app.png"))
+        drawn_results = page.eval_on_selector_all(
+            "#results figure.result img", "imgs => imgs.map(i => i.src)"
+        )
+        pixels = [decode(url).float() for url in drawn_results]
+        assert all(img.std() > 10 for img in pixels)  # not blank
+        page.click("#clear")
+        page.click("#paint")
+        page.wait_for_function(
+            "src => document.querySelector('#results figure.result img').src !== src", arg=drawn_results[0]
+        )
+        blank_results = page.eval_on_selector_all(
+            "#results figure.result img", "imgs => imgs.map(i => i.src)"
+        )
+        for a, b in zip(drawn_results, blank_results, strict=True):
+            assert (decode(a).float() - decode(b).float()).abs().mean() > 10  # the drawing mattered
+        page.fill("#steps", "0")
+        page.click("#random")
+        page.wait_for_function("document.getElementById('message').textContent.includes('steps must be')")
+        browser.close()
