@@ -49,8 +49,9 @@ def number(body, key, default, kind, low, high):
     """body[key] (or the default) as int or float within [low, high], else BadRequest."""
     value = body.get(key, default)
     what = "a whole number" if kind is int else "a number"
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise BadRequest(f"{key} must be {what}, got {str(value)[:20]}")  # JSON allows NaN, Infinity
+    finite = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))  # JSON: NaN
+    if isinstance(value, bool) or not finite:
+        raise BadRequest(f"{key} must be {what}, got {str(value)[:20]}")
     if kind is int and value != int(value):
         raise BadRequest(f"{key} must be {what}, got {value!r}")
     if not low <= value <= high:

@@ -4,12 +4,14 @@ server still serving), requests in parallel, and the page in a real headless Chr
 import base64
 import io
 import json
+import math
 import os
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPConnection
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -37,7 +39,7 @@ def drawn():
 
 
 def decode(url):
-    return torch.tensor(list(Image.open(io.BytesIO(base64.b64decode(url.split(",")[1]))).getdata()))
+    return torch.from_numpy(np.array(Image.open(io.BytesIO(base64.b64decode(url.split(",")[1])))))
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,7 @@ def test_a_drawing_in_gives_that_many_flowers_of_the_models_size(client):
     reply = client.post("/api/paint", json=dict(drawing=drawn(), num_images=3, steps=4, seed=5))
     assert reply.status_code == 200, reply.json
     images = [decode(url) for url in reply.json["images"]]
-    assert len(images) == 3 and all(img.shape == (64 * 64, 3) for img in images)
+    assert len(images) == 3 and all(img.shape == (64, 64, 3) for img in images)
     again = client.post("/api/paint", json=dict(drawing=drawn(), num_images=1, steps=4, seed=5)).json
     assert again["images"][0] == reply.json["images"][0]  # seed 5 is seed 5
     noise = client.post("/api/paint", json=dict(num_images=2, steps=4)).json["images"]
@@ -175,21 +177,26 @@ def test_drawing_in_a_real_browser(server):
         page.fill("#num-images", "3")
         page.click("button[data-size='28']")
         box = page.locator("#canvas").bounding_box()
-        for colour, points in (
-            ("#e53935", [(0.3, 0.3), (0.7, 0.3), (0.7, 0.6), (0.3, 0.6), (0.3, 0.3)]),
-            ("#43a047", [(0.5, 0.6), (0.5, 0.95)]),
-        ):
+
+        def stroke(colour, points):
             page.click(f"button[title='{colour}']")
             page.mouse.move(box["x"] + points[0][0] * box["width"], box["y"] + points[0][1] * box["height"])
             page.mouse.down()
             for x, y in points[1:]:
-                page.mouse.move(box["x"] + x * box["width"], box["y"] + y * box["height"], steps=8)
+                page.mouse.move(box["x"] + x * box["width"], box["y"] + y * box["height"], steps=4)
             page.mouse.up()
+
+        ring = [
+            (0.5 + 0.2 * math.cos(a / 8 * math.pi), 0.4 + 0.2 * math.sin(a / 8 * math.pi)) for a in range(17)
+        ]
+        stroke("#43a047", [(0.5, 0.55), (0.5, 0.95)])  # a stem,
+        stroke("#f48fb1", ring)  # pink petals around
+        stroke("#fdd835", [(0.5, 0.4), (0.52, 0.42), (0.48, 0.38)])  # a yellow heart
         page.click("#paint")
         page.wait_for_function(
             "document.querySelectorAll('#results figure.result').length === 3", timeout=120_000
         )
-        page.screenshot(path=str(ROOT / "docs" / "app.png"))
+        page.screenshot(path=str(ROOT / "docs" / "app.png"), full_page=True)
         drawn_results = page.eval_on_selector_all(
             "#results figure.result img", "imgs => imgs.map(i => i.src)"
         )
