@@ -30,7 +30,7 @@ from lib.cli import ArgumentParser, UserError, run_cli
 from lib.data import resize_crop, to_rgb
 from lib.metrics import to_uint8
 from lib.runtime import add_device_args, setup
-from lib.sample import generate, initial_noise, sketch_to_image
+from lib.sample import generate, initial_noise, sketch_per_seed
 from lib.samplers import MIN_EVALUATIONS, SAMPLERS
 from sd_inference import checkpoint_path
 
@@ -156,22 +156,10 @@ class Painter:
                 return generate(
                     self.model, noise, self.mean, self.std, steps, seed=seed, labels=labels, **common
                 )
-            return torch.cat(
-                [
-                    sketch_to_image(
-                        self.model,
-                        drawing,
-                        self.mean,
-                        self.std,
-                        strength,
-                        steps,
-                        seed + i,
-                        labels=None if labels is None else labels[i : i + 1],
-                        **common,
-                    )[1]
-                    for i in range(num_images)
-                ]
+            rows = sketch_per_seed(
+                self.model, drawing, self.mean, self.std, strength, steps, seed, num_images, labels, **common
             )
+            return torch.cat([result for _, result in rows])
 
 
 def create_app(painter):

@@ -22,7 +22,7 @@ from lib.classes import GUIDANCE, parse_classes, spread
 from lib.cli import ArgumentParser, UserError, check_at_least, run_cli
 from lib.data import load_image
 from lib.runtime import add_device_args, setup
-from lib.sample import generate, initial_noise, interpolation_noise, sketch_to_image
+from lib.sample import generate, initial_noise, interpolation_noise, sketch_per_seed
 from lib.samplers import add_sampler_args, check_sampler_args
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "models" / "flowers64.pt"
@@ -163,19 +163,10 @@ def sketch(model, ckpt, drawing, args, precision):
     panels shows the drawing, its noised version and the result."""
     mean, std = ckpt["norm"]["mean"], ckpt["norm"]["std"]
     labels, names = class_labels(args, ckpt)
-    rows = [
-        sketch_to_image(
-            model,
-            drawing,
-            mean,
-            std,
-            args.strength,
-            args.steps,
-            args.seed + i,
-            **sampling_options(args, precision, None if labels is None else labels[i : i + 1]),
-        )
-        for i in range(args.num_images)
-    ]
+    options = sampling_options(args, precision, labels)
+    rows = sketch_per_seed(
+        model, drawing, mean, std, args.strength, args.steps, args.seed, args.num_images, **options
+    )
     panels = torch.cat([torch.cat([drawing.float() / 255, noisy, result]) for noisy, result in rows])
     labels = [
         caption

@@ -102,3 +102,22 @@ def sketch_to_image(model, images, mean, std, strength=0.6, steps=20, seed=0, **
     steps = max(minimum, round(strength * steps))
     results = generate(model, x_t, mean, std, steps=steps, seed=seed, t_start=strength, **options)
     return to_image_space(x_t, mean, std), results
+
+
+def sketch_per_seed(model, images, mean, std, strength, steps, seed, n, labels=None, **options):
+    """n SDEdit results of the same drawing, each from its own noise (seeds seed, seed + 1, ...);
+    labels (n,) or None -> a list of n (noisy image, result) pairs (sketch_to_image's)."""
+    return [
+        sketch_to_image(
+            model,
+            images,
+            mean,
+            std,
+            strength,
+            steps,
+            seed + i,
+            labels=None if labels is None else labels[i : i + 1],
+            **options,
+        )
+        for i in range(n)
+    ]
