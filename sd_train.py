@@ -25,10 +25,11 @@ from lib.run_folder import check_out_dir, lock_run_folder
 from lib.runtime import add_device_args, literal_precision, setup, tune_for_training
 from lib.samplers import MIN_EVALUATIONS, SAMPLERS
 from lib.trainer import TrainingRun, trained_minutes
-from lib.unet import PRESETS, build_unet, count_parameters, model_config
+from lib.unet import PRESETS, build_unet, check_image_size, count_parameters, model_config
 
 ONE_SHOT = ("resume", "overwrite", "dry_run")  # flags that --resume does not take from the saved run
-PATHS = ("out_dir", "data_root", "image_dir", "cache_dir")  # saved absolute: a resume may run elsewhere
+# Saved absolute: a resume may run elsewhere.
+PATHS = ("out_dir", "data_root", "image_dir", "cache_dir", "init_from")
 
 # What --recipe sets: each entry is also a flag of its own, which overrides it when given.
 RECIPES = {
@@ -111,6 +112,12 @@ def get_parser():
         "--resume", default=None, help="last.pt (or best.pt) of a run: continue it; flags given now override"
     )
     run.add_argument(
+        "--init-from",
+        default=None,
+        help="a new run from this checkpoint's EMA weights and fresh optimizer state: its network, "
+        "prediction and classes (--preset unused); --image-size may change (fine-tune 64 px to 128)",
+    )
+    run.add_argument(
         "--dry-run", action="store_true", help="print the configuration and parameter count, then exit"
     )
     return p
@@ -168,12 +175,17 @@ def add_recipe_args(p):
     p.add_argument("--warmup-steps", type=int, help=recipe_help("warmup_steps", "linear LR warmup"))
     p.add_argument(
         "--lr-schedule",
-        choices=["plateau", "constant", "rsqrt", "cosine"],
+        choices=["plateau", "constant", "rsqrt", "cosine", "wsd"],
         help=recipe_help(
-            "lr_schedule", "plateau: ReduceLROnPlateau; rsqrt: 1/sqrt decay; cosine: to the end"
+            "lr_schedule",
+            "plateau: ReduceLROnPlateau; rsqrt: 1/sqrt decay; cosine: to the end; "
+            "wsd: constant, then linearly to 0 in the cooldown",
         ),
     )
     p.add_argument("--lr-decay-steps", type=int, default=2000, help="rsqrt: steps before the LR decays")
+    p.add_argument(
+        "--lr-cooldown", type=float, default=0.2, help="wsd: the last share of the run in which the LR falls"
+    )
     p.add_argument("--lr-patience", type=int, default=20, help="plateau: epochs without improvement")
     p.add_argument("--lr-factor", type=float, default=0.5, help="plateau: LR multiplier")
     p.add_argument("--min-lr", type=float, default=1e-6, help="plateau: the LR's floor")
@@ -237,6 +249,8 @@ def resolve_args(argv):
     """Parse flags. With --resume, the run's saved flags are the base and explicit flags override."""
     parser = get_parser()
     args = parser.parse_args(argv)
+    if args.resume and args.init_from:
+        raise UserError("--resume continues a run and --init-from starts a new one: give one of them")
     if not args.resume:
         return apply_recipe(absolute_paths(args)), None
     ckpt = read_checkpoint(args.resume)
@@ -321,6 +335,8 @@ def check_args(args, ctx, device):
     check_at_least(args, weight_decay=0.0, warmup_steps=0, lr_decay_steps=1, min_snr_gamma=0.0)
     if not args.lr > 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
+    if not 0.0 < args.lr_cooldown <= 1.0:
+        raise UserError(f"--lr-cooldown must be in (0, 1], got {args.lr_cooldown}")
     if args.max_minutes is not None and not args.max_minutes > 0:
         raise UserError(f"--max-minutes must be > 0, got {args.max_minutes}")
     if not (0.0 <= args.ema_decay < 1.0 and 0.0 < args.lr_factor < 1.0):
@@ -339,15 +355,8 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
     device, precision = setup(ctx.device or args.device, args.precision)
     if args.literal and args.precision == "auto":
         precision = literal_precision(device)
-    try:  # a resumed run keeps the network its checkpoint describes
-        cfg = resumed["config"] if resumed else model_config(args.preset, args.image_size)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    if not resumed and args.prediction != "eps":  # what the output means travels with the network
-        cfg["prediction"] = args.prediction
-    if not resumed and args.class_cond:  # the names only: nothing decoded yet
-        cfg["classes"] = image_labels(args.data_root, args.image_dir, args.download)[1]
-        cfg["num_classes"] = len(cfg["classes"])
+    init = read_checkpoint(args.init_from) if args.init_from and not resumed else None
+    cfg = resumed["config"] if resumed else new_config(args, init)  # a resumed run keeps its network
     torch.manual_seed(args.seed)
     if args.dry_run:
         return dry_run(args, cfg, device, precision, ctx)
@@ -357,7 +366,7 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
     # are checked and the data loads), else once it is made. Released when train() returns.
     lock = lock_run_folder(args.out_dir) if ctx.is_main and Path(args.out_dir).is_dir() else None
     out_dir = check_out_dir(args, resumed)
-    run = TrainingRun(args, cfg, resumed, ctx, device, precision, out_dir)
+    run = TrainingRun(args, cfg, resumed, ctx, device, precision, out_dir, init)
     out_dir.mkdir(parents=True, exist_ok=True)
     if ctx.is_main and lock is None:
         lock = lock_run_folder(out_dir)
@@ -385,6 +394,33 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
             )
     run.log_done()
     return run.training
+
+
+def new_config(args, init):
+    """A new run's network config: the preset's, or that of the --init-from checkpoint `init`,
+    whose prediction and classes the run then keeps (args updated to say so)."""
+    try:
+        if init is None:
+            cfg = model_config(args.preset, args.image_size)
+        else:
+            cfg = dict(init["config"], image_size=args.image_size or init["config"]["image_size"])
+            check_image_size(cfg["image_size"], len(cfg["widths"]) - 1)
+            if args.class_cond and not cfg.get("num_classes"):
+                raise UserError(f"--class-cond: {args.init_from} is an unconditional model")
+            args.prediction, args.class_cond = cfg.get("prediction", "eps"), bool(cfg.get("num_classes"))
+    except ValueError as e:
+        raise UserError(f"--image-size: {e}" if init else str(e)) from None
+    if args.prediction != "eps":  # what the output means travels with the network
+        cfg["prediction"] = args.prediction
+    if args.class_cond:  # the names only: nothing decoded yet
+        names = image_labels(args.data_root, args.image_dir, args.download)[1]
+        if init and names != cfg["classes"]:
+            raise UserError(
+                f"{args.init_from} knows {cfg['num_classes']} classes, not this data's {len(names)} "
+                f"({', '.join(names[:3])}, ...): start its class embedding afresh instead (no --init-from)"
+            )
+        cfg["classes"], cfg["num_classes"] = names, len(names)
+    return cfg
 
 
 def dry_run(args, cfg, device, precision, ctx):

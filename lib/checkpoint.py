@@ -9,19 +9,22 @@ Layout (a plain dict, so `torch.load(weights_only=True)` reads it and a crafted 
     train   (best.pt / last.pt only) everything sd_train.py --resume needs
 
 The original repo's files (a bare state dict of its EMA wrapper: "module.*" keys and "n_averaged")
-are read by the same loader and converted on the fly.
+are read by the same loader and converted on the fly. Exported weights may also be safetensors
+(no pickle at all): the EMA tensors, with format, config and norm as JSON strings in its metadata.
 """
 
+import json
 import pickle
 import re
 import sys
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 from lib.cli import ArgumentParser, UserError, run_cli
 from lib.diffusion import PREDICTIONS, as_noise_predictor
-from lib.files import atomic_save
+from lib.files import atomic_save, atomic_write
 from lib.normalization import FLOWERS_MEAN, FLOWERS_STD
 from lib.unet import build_unet, check_image_size
 
@@ -81,7 +84,11 @@ def read_checkpoint(path, image_size=None):
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = (
+            _read_safetensors(path)
+            if _is_safetensors(path)
+            else torch.load(path, map_location="cpu", weights_only=True)
+        )
     except pickle.UnpicklingError as e:
         # weights_only names the class or function a pickle wanted to build; anything else is
         # a file that is not a pickle at all.
@@ -105,6 +112,27 @@ def read_checkpoint(path, image_size=None):
     if image_size is not None:
         obj["config"]["image_size"] = image_size
     return obj
+
+
+def _is_safetensors(path):
+    """A safetensors file opens with its header's length (8 bytes) and the header's JSON; the
+    files torch.save writes are zip archives ("PK...")."""
+    with open(path, "rb") as f:
+        return f.read(9)[8:] == b"{"
+
+
+def _read_safetensors(path):
+    """-> the checkpoint dict that export_weights stored in a safetensors file."""
+    with safetensors.safe_open(path, "pt") as f:
+        meta, ema = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    parts = {k: json.loads(meta[k]) for k in ("config", "norm") if k in meta}
+    return {"format": meta.get("format"), **parts, "ema": ema}
+
+
+def _write_safetensors(ckpt, dst):
+    meta = {"format": ckpt["format"], "config": json.dumps(ckpt["config"]), "norm": json.dumps(ckpt["norm"])}
+    tensors = {k: v.contiguous() for k, v in ckpt["ema"].items()}
+    atomic_write(dst, lambda f: f.write(safetensors.torch.save(tensors, metadata=meta)))
 
 
 def load_weights(model, state, path):
@@ -151,7 +179,8 @@ def load_model(path, device="cpu", image_size=None):
 
 def export_weights(src, dst):
     """Write the inference part of a checkpoint (config, normalization, EMA weights): a few MB
-    instead of the tens that the training state adds. Original-format files come out in ours."""
+    instead of the tens that the training state adds. Original-format files come out in ours;
+    a dst named *.safetensors is written as safetensors."""
     if Path(dst).exists():
         if Path(dst).samefile(src):
             raise UserError(
@@ -167,13 +196,17 @@ def export_weights(src, dst):
             raise UserError(f"{dst} holds a training state (resumable): not replaced (choose another name)")
     ckpt = read_checkpoint(src)
     load_model(src)  # refuse to export weights that do not fit their config
-    atomic_save(make_checkpoint(ckpt["config"], ckpt["norm"]["mean"], ckpt["norm"]["std"], ckpt["ema"]), dst)
+    weights = make_checkpoint(ckpt["config"], ckpt["norm"]["mean"], ckpt["norm"]["std"], ckpt["ema"])
+    if Path(dst).suffix == ".safetensors":
+        _write_safetensors(weights, dst)
+    else:
+        atomic_save(weights, dst)
 
 
 def main(argv=None):
     p = ArgumentParser(
         description="Export a checkpoint's EMA weights for inference: "
-        "python -m lib.checkpoint runs/x/best.pt models/x.pt"
+        "python -m lib.checkpoint runs/x/best.pt models/x.pt (or models/x.safetensors)"
     )
     p.add_argument("src")
     p.add_argument("dst")

@@ -8,13 +8,18 @@ import torch
 
 
 def atomic_save(obj, path):
-    """Write to a temporary file beside `path`, then rename: a crash never leaves a torn file."""
+    """torch.save, atomically (atomic_write)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path, write):
+    """write(file) to a temporary file beside `path`, then rename: a crash never leaves a torn file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

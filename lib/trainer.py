@@ -13,7 +13,7 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from lib import distributed
-from lib.checkpoint import make_checkpoint
+from lib.checkpoint import load_weights, make_checkpoint
 from lib.classes import GUIDANCE, classes_across
 from lib.cli import UserError
 from lib.data import DecodedBatches, JpegBatches, epoch_order, load_images, load_labelled_images
@@ -75,7 +75,7 @@ class TrainingRun:
     """A run in progress: the step's objects (lib.training.Training: network, EMA, Adam), the
     data, the LR schedule, the random streams and the progress counters (`state`)."""
 
-    def __init__(self, args, cfg, resumed, ctx, device, precision, out_dir):
+    def __init__(self, args, cfg, resumed, ctx, device, precision, out_dir, init=None):
         self.args, self.cfg, self.ctx, self.device, self.out_dir = args, cfg, ctx, device, out_dir
         self.log = print if ctx.is_main else quiet
         self.training = Training(
@@ -109,6 +109,9 @@ class TrainingRun:
         self.run_id = resumed["train"].get("run_id") if resumed else uuid.uuid4().hex
         if resumed:
             self.restore(resumed)
+        elif init:  # --init-from: the network and its average both start at the checkpoint's EMA
+            for net in (self.training.model, self.training.ema):
+                load_weights(net, init["ema"], args.init_from)
         self.sample_noise = initial_noise(args.num_samples, cfg["image_size"], args.seed)
         self.sample_classes = {}  # a class-conditional model's grids: classes across the range, guided
         if cfg.get("num_classes"):
@@ -311,12 +314,14 @@ class TrainingRun:
 
     def set_lr(self, time_fraction):
         """The coming step's LR, where the warmup or a per-step schedule sets it (lr_factor);
-        cosine runs to the end of --max-minutes (time_fraction) if given, else of --epochs."""
+        cosine and wsd run to the end of --max-minutes (time_fraction) if given, else of --epochs."""
         args, step = self.args, self.state["global_step"]
         if args.lr_schedule == "plateau" and step >= args.warmup_steps:
             return  # ReduceLROnPlateau's, changed at epoch ends
         progress = time_fraction if args.max_minutes else step / (args.epochs * self.steps_per_epoch)
-        lr = args.lr * lr_factor(args.lr_schedule, step, args.warmup_steps, args.lr_decay_steps, progress)
+        lr = args.lr * lr_factor(
+            args.lr_schedule, step, args.warmup_steps, args.lr_decay_steps, progress, args.lr_cooldown
+        )
         for group in self.training.opt.param_groups:
             group["lr"] = lr
 

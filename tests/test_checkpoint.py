@@ -130,18 +130,64 @@ def test_original_checkpoints_load_and_paint_the_same_images(tmp_path, preset):
     torch.testing.assert_close(a, b)
 
 
-def test_export_keeps_what_inference_needs(tmp_path):
+@pytest.mark.parametrize("name", ["model.pt", "model.safetensors"])
+def test_export_keeps_what_inference_needs(tmp_path, name):
     model = tiny_checkpoint(tmp_path / "last.pt", train_state={"epoch": 3, "big": torch.zeros(1000)})
     from lib.checkpoint import export_weights
 
-    export_weights(tmp_path / "last.pt", tmp_path / "model.pt")
-    ckpt = read_checkpoint(tmp_path / "model.pt")
-    assert "train" not in ckpt and ckpt["config"] == TINY
-    loaded, _ = load_model(tmp_path / "model.pt")
+    export_weights(tmp_path / "last.pt", tmp_path / name)
+    ckpt = read_checkpoint(tmp_path / name)
+    assert "train" not in ckpt and ckpt["config"] == TINY and ckpt["format"] == "flowers-ddim/1"
+    assert ckpt["norm"] == {"mean": [0.5] * 3, "std": [0.25] * 3}
+    loaded, _ = load_model(tmp_path / name)
     assert all(
         torch.equal(a, b)
         for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True)
     )
+
+
+def test_safetensors_export_is_plain_safetensors_with_the_config_in_its_metadata(tmp_path):
+    """No pickle anywhere: any safetensors reader gets the tensors, and the metadata says what they are."""
+    import json
+
+    import safetensors
+
+    from lib.checkpoint import export_weights
+
+    classes = ["pink primrose", "hard-leaved pocket orchid"]
+    cond = dict(TINY, num_classes=2, classes=classes, prediction="v")
+    torch.manual_seed(0)
+    model = build_unet(cond)
+    atomic_save(make_checkpoint(cond, [0.5] * 3, [0.25] * 3, model.state_dict()), tmp_path / "c.pt")
+    export_weights(tmp_path / "c.pt", tmp_path / "c.safetensors")
+    with safetensors.safe_open(tmp_path / "c.safetensors", "pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+    assert keys == set(model.state_dict())
+    assert meta["format"] == "flowers-ddim/2" and json.loads(meta["config"]) == cond
+    a, _ = load_model(tmp_path / "c.pt")
+    b, ckpt = load_model(tmp_path / "c.safetensors")
+    assert ckpt["config"]["classes"] == classes
+    x, noise_var, y = torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([0, 2])
+    with torch.no_grad():
+        assert torch.equal(
+            a(x, noise_var, y), b(x, noise_var, y)
+        )  # the same noise predictor, v turned into eps alike
+
+
+def test_broken_safetensors_files_give_one_line_errors(tmp_path):
+    from lib.checkpoint import export_weights
+
+    tiny_checkpoint(tmp_path / "last.pt")
+    export_weights(tmp_path / "last.pt", tmp_path / "m.safetensors")
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "torn.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        read_checkpoint(tmp_path / "torn.safetensors")
+    import safetensors.torch
+
+    safetensors.torch.save_file({"w": torch.zeros(2)}, tmp_path / "foreign.safetensors")
+    with pytest.raises(UserError, match="not a checkpoint of this repo"):
+        read_checkpoint(tmp_path / "foreign.safetensors")
 
 
 def test_export_cli_never_drops_a_training_state(tmp_path, capsys):

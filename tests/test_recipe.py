@@ -107,6 +107,9 @@ def test_lr_schedules():
     assert lr_factor("cosine", 7, progress=0.0) == 1.0
     assert lr_factor("cosine", 7, progress=0.5) == pytest.approx(0.5)
     assert lr_factor("cosine", 7, progress=1.0) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor("wsd", 7, progress=0.5, cooldown=0.2) == 1.0  # stable phase
+    assert lr_factor("wsd", 7, progress=0.9, cooldown=0.2) == pytest.approx(0.5)  # half-way down
+    assert lr_factor("wsd", 7, progress=1.0, cooldown=0.2) == 0.0
     assert lr_factor("plateau", 7, warmup_steps=2) == 1.0  # after the warmup the plateau schedule rules
 
 

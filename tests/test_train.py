@@ -206,6 +206,49 @@ def test_resume_guards_and_overrides(data_root, tmp_path, capsys):
     assert "stopped early" in capsys.readouterr().err
 
 
+def test_init_from_starts_a_new_run_at_a_checkpoints_ema_weights(data_root, tmp_path, monkeypatch, capsys):
+    src = tmp_path / "src"
+    assert sd_train.main(run_args(data_root, src, "--epochs", "1")) == 0
+    ema = torch.load(src / "last.pt", weights_only=True)["ema"]
+    # fine-tuned at twice the size (--preset is not used: the network is the checkpoint's)
+    new = run_args(data_root, tmp_path / "new", "--init-from", str(src / "last.pt"), "--image-size", "64")
+    seen = {}
+
+    class FirstStepSeen(sd_train.TrainingRun):
+        def train_epoch(self, stop):
+            seen.update(model=self.training.model.state_dict(), ema=self.training.ema.state_dict())
+            seen["step"] = self.state["global_step"]
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(sd_train, "TrainingRun", FirstStepSeen)
+        assert sd_train.main([*new, "--preset", "sd128", "--epochs", "1"]) == 130
+    assert seen["step"] == 0
+    for name in ("model", "ema"):
+        assert seen[name].keys() == ema.keys()
+        assert all(torch.equal(seen[name][k], ema[k]) for k in ema), name
+    assert sd_train.main([*new, "--epochs", "1"]) == 0
+    ckpt = torch.load(tmp_path / "new" / "last.pt", weights_only=True)
+    assert ckpt["config"] == dict(ckpt["config"], image_size=64, widths=[32, 64, 96, 128])
+    assert ckpt["train"]["global_step"] == 4  # a fresh optimizer: 64 images in batches of 16
+    assert ckpt["train"]["args"]["init_from"] == str(src / "last.pt")
+    # what cannot work is one line each
+    capsys.readouterr()
+    assert sd_train.main([*new, "--resume", str(src / "last.pt")]) == 2
+    assert "give one of them" in capsys.readouterr().err
+    assert sd_train.main([*new, "--image-size", "30", "--out-dir", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err.startswith("error: --image-size:")
+    assert sd_train.main([*new, "--class-cond", "--out-dir", str(tmp_path / "x")]) == 2
+    assert "is an unconditional model" in capsys.readouterr().err
+    cond = torch.load(src / "last.pt", weights_only=True)
+    cond["config"].update(num_classes=2, classes=["a", "b"])
+    torch.save(cond, tmp_path / "cond.pt")
+    args = run_args(data_root, tmp_path / "x", "--init-from", str(tmp_path / "cond.pt"))
+    assert sd_train.main(args) == 2
+    assert "knows 2 classes, not this data's 102" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_resume_switching_loss_scaling_on(data_root, tmp_path):
     # a bf16/fp32 run saves an empty GradScaler state; the literal path (or fp16) scales the loss
     assert sd_train.main(run_args(data_root, tmp_path, "--epochs", "1", "--limit", "32")) == 0
