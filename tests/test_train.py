@@ -405,7 +405,7 @@ def test_trains_on_a_folder_of_own_pictures(tmp_path, capsys):
 def test_help_shows_every_default_and_no_empty_ones():
     text = " ".join(sd_train.get_parser().format_help().split())  # argparse wraps lines
     assert "passes over the images (default: 500)" in text and "(default: 2000)" in text
-    assert "(by --recipe: original 0.999, improved 0.999)" in text  # what each recipe sets
+    assert "(by --recipe: original 0.999, improved 0.995)" in text  # what each recipe sets
     assert "(default: None)" not in text and "(default: False)" not in text
     assert "--flip, --no-flip" in text
 
