@@ -69,15 +69,15 @@ def get_parser():
         dest="class_spec",
         default=None,
         help="a class name (any case) or 0-based index; several, comma-separated, take turns over the "
-        "figure. Without it a conditional model paints flowers of no particular class (its "
-        "unconditional mode, which training kept by dropping labels)",
+        "figure. Without it a conditional model paints a class per image drawn from --seed (one "
+        "for --interpolate), named in the titles",
     )
     cond.add_argument(
         "--guidance",
         type=float,
         default=None,
-        help=f"with --class: classifier-free guidance scale; 1 the plain conditional model, higher "
-        f"follows the class more closely, 0 ignores it (default {GUIDANCE})",
+        help=f"classifier-free guidance scale; 1 the plain conditional model, higher follows the "
+        f"class more closely, 0 ignores it: flowers of no particular class (default {GUIDANCE})",
     )
     cond.add_argument("--list-classes", action="store_true", help="print the model's classes and exit")
     return p
@@ -117,8 +117,6 @@ def check_args(args):
     check_sampler_args(args)
     if args.interpolate and args.num_images < 2:
         raise UserError("--interpolate needs --num-images >= 2")
-    if args.guidance is not None and args.class_spec is None:
-        raise UserError("--guidance steers towards a --class: give one")
     if args.guidance is not None and args.guidance < 0:
         raise UserError(f"--guidance must be >= 0, got {args.guidance}")
     if args.interpolate and args.class_spec and "," in args.class_spec:
@@ -201,11 +199,22 @@ def paint(model, ckpt, args, precision):
 
 
 def class_labels(args, ckpt):
-    """--class -> (labels (num_images,), each image's class name), or (None, None) without it."""
-    if args.class_spec is None:
-        return None, None
+    """-> (labels (num_images,), each image's class name) of a conditional model: --class, or
+    classes drawn from --seed; (None, None) for an unconditional one or --guidance 0 alone."""
     names = ckpt["config"].get("classes", [])
-    labels = spread(parse_classes(args.class_spec, names), args.num_images)
+    if args.class_spec is not None:
+        classes = parse_classes(args.class_spec, names)
+    elif not names and args.guidance is not None:
+        raise UserError(
+            "--guidance needs a class-conditional model (trained with --class-cond); this one is not"
+        )
+    elif not names or args.guidance == 0:  # an unconditional model, or one asked for no class
+        return None, None
+    else:
+        drawn = 1 if args.interpolate else args.num_images  # a strip is one class
+        g = torch.Generator().manual_seed(args.seed)
+        classes = torch.randint(len(names), (drawn,), generator=g).tolist()
+    labels = spread(classes, args.num_images)
     return labels, [names[i] for i in labels.tolist()]
 
 

@@ -1,6 +1,7 @@
 """Class conditioning: labels from Flowers102 and from subfolders, label dropout, classifier-free
 guidance, --class names, class-conditional checkpoints, and the class probe of sd_eval.py."""
 
+import numpy as np
 import pytest
 import scipy.io
 import torch
@@ -163,9 +164,32 @@ def test_inference_paints_named_classes_and_refuses_them_without_a_conditional_m
     assert "  2  blue" in capsys.readouterr().out
     assert sd_inference.main([*common, "--class", "bleu"]) == 2
     assert "did you mean 'blue'" in capsys.readouterr().err
-    assert sd_inference.main([*common, "--guidance", "2"]) == 2  # guidance towards no class
     assert sd_inference.main(["--class", "sunflower", "--no-show"]) == 2  # the shipped model
-    assert "needs a class-conditional model" in capsys.readouterr().err
+    assert "--class needs a class-conditional model" in capsys.readouterr().err
+    assert sd_inference.main(["--guidance", "2", "--no-show"]) == 2
+    assert "--guidance needs a class-conditional model" in capsys.readouterr().err
+
+
+def test_without_class_a_conditional_model_paints_classes_drawn_from_the_seed(tmp_path):
+    save_conditional(tmp_path / "c.pt")
+    common = ["--checkpoint", str(tmp_path / "c.pt"), "--steps", "2", "--no-show", "--num-images", "4"]
+
+    def paint(name, *flags):
+        out = ["--save-dir", str(tmp_path / name), "--out", str(tmp_path / f"{name}.png")]
+        assert sd_inference.main([*common, "--seed", "3", *out, *flags]) == 0
+        return [np.asarray(Image.open(f)) for f in sorted((tmp_path / name).glob("*.png"))]
+
+    drawn = torch.randint(3, (4,), generator=torch.Generator().manual_seed(3)).tolist()
+    assert len(set(drawn)) > 1  # the test needs a mix
+    as_asked = paint("asked", "--class", ",".join(map(str, drawn)))
+    assert all(np.array_equal(a, b) for a, b in zip(paint("drawn"), as_asked, strict=True))
+    # --guidance 0 alone: no class at all, the same as ignoring an asked class
+    none = paint("none", "--guidance", "0")
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(none, paint("ignored", "--class", "red", "--guidance", "0"), strict=True)
+    )
+    assert not all(np.array_equal(a, b) for a, b in zip(none, as_asked, strict=True))
 
 
 def test_the_class_probe_reads_clusters():
