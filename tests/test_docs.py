@@ -1,13 +1,21 @@
 """The scripts that draw docs/ run and draw what they say."""
 
+import argparse
 import sys
 
 import numpy as np
+import torch
 from PIL import Image
 
-from conftest import ROOT
+import sd_inference
+from conftest import ROOT, TINY
+from lib.checkpoint import make_checkpoint
+from lib.files import atomic_save
+from lib.runtime import setup
+from lib.unet import build_unet
 
 sys.path.insert(0, str(ROOT / "docs"))
+import make_comparison
 import make_drawing
 import make_progress
 
@@ -38,3 +46,35 @@ def test_progress_strip_shows_the_grids_in_epoch_order(tmp_path, capsys):
     assert all(line.startswith("error:") for line in capsys.readouterr().err.splitlines())
     assert make_progress.main([str(tmp_path), "--epochs", "1", "--out", str(tmp_path / "new" / "strip")]) == 0
     assert (tmp_path / "new" / "strip.png").is_file() and "strip.png" in capsys.readouterr().out
+
+
+def test_comparison_rows_are_what_sd_inference_paints(tmp_path, capsys):
+    cond = dict(TINY, num_classes=3, classes=["red", "green", "blue"])
+    for name, cfg in (("u.pt", TINY), ("c.pt", cond)):
+        torch.manual_seed(len(name) + len(cfg))
+        atomic_save(
+            make_checkpoint(cfg, [0.5] * 3, [0.25] * 3, build_unet(cfg).eval().state_dict()), tmp_path / name
+        )
+    args = argparse.Namespace(seed=5, num_images=3, steps=2)
+    images, classes = make_comparison.paint_row(tmp_path / "c.pt", args, *setup("cpu", "auto"))
+    flags = ["--checkpoint", str(tmp_path / "c.pt"), "--seed", "5", "--num-images", "3", "--steps", "2"]
+    flags += ["--no-show", "--save-dir", str(tmp_path / "s"), "--out", str(tmp_path / "f.png")]
+    assert sd_inference.main(flags) == 0
+    saved = [np.asarray(Image.open(f)) for f in sorted((tmp_path / "s").glob("*.png"))]
+    ours = (images * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert all(np.array_equal(a, b) for a, b in zip(ours, saved, strict=True))
+    assert len(classes) == 3 and set(classes) <= {"red", "green", "blue"}
+    out = tmp_path / "cmp.png"
+    argv = [
+        str(tmp_path / "u.pt"),
+        str(tmp_path / "c.pt"),
+        "--num-images",
+        "2",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+    ]
+    assert make_comparison.main(argv) == 0 and Image.open(out).size[0] > Image.open(out).size[1]
+    assert make_comparison.main([*argv, "--titles", "one"]) == 2
+    assert "1 titles for 2 checkpoints" in capsys.readouterr().err
