@@ -18,7 +18,7 @@ import torch
 from torchvision.utils import save_image
 
 from lib.checkpoint import load_model
-from lib.classes import GUIDANCE, parse_classes, spread
+from lib.classes import GUIDANCE, drawn_classes, parse_classes, spread
 from lib.cli import ArgumentParser, UserError, check_at_least, run_cli
 from lib.data import load_image
 from lib.runtime import add_device_args, setup
@@ -210,10 +210,10 @@ def class_labels(args, ckpt):
         )
     elif not names or args.guidance == 0:  # an unconditional model, or one asked for no class
         return None, None
-    else:
-        drawn = 1 if args.interpolate else args.num_images  # a strip is one class
-        g = torch.Generator().manual_seed(args.seed)
-        classes = torch.randint(len(names), (drawn,), generator=g).tolist()
+    elif args.init_image:  # result i has its own seed, --seed + i (sketch_per_seed), and class
+        classes = [drawn_classes(len(names), 1, args.seed + i)[0] for i in range(args.num_images)]
+    else:  # the seed's noise, and one class for a whole interpolation strip
+        classes = drawn_classes(len(names), 1 if args.interpolate else args.num_images, args.seed)
     labels = spread(classes, args.num_images)
     return labels, [names[i] for i in labels.tolist()]
 

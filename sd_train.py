@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from lib import distributed
-from lib.checkpoint import read_checkpoint
+from lib.checkpoint import load_model, read_checkpoint
 from lib.cli import ArgumentParser, StopRequest, UserError, check_at_least, run_cli
 from lib.data import image_labels
 from lib.diffusion import PREDICTIONS
@@ -25,7 +25,7 @@ from lib.run_folder import check_out_dir, lock_run_folder
 from lib.runtime import add_device_args, literal_precision, setup, tune_for_training
 from lib.samplers import MIN_EVALUATIONS, SAMPLERS
 from lib.trainer import TrainingRun, trained_minutes
-from lib.unet import PRESETS, build_unet, check_image_size, count_parameters, model_config
+from lib.unet import PRESETS, build_unet, count_parameters, model_config
 
 ONE_SHOT = ("resume", "overwrite", "dry_run")  # flags that --resume does not take from the saved run
 # Saved absolute: a resume may run elsewhere.
@@ -355,7 +355,10 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
     device, precision = setup(ctx.device or args.device, args.precision)
     if args.literal and args.precision == "auto":
         precision = literal_precision(device)
-    init = read_checkpoint(args.init_from) if args.init_from and not resumed else None
+    init = None
+    if args.init_from and not resumed:  # checked whole (weights against config) before any data loads
+        init = load_model(args.init_from, image_size=args.image_size)[1]
+        init.pop("train", None)  # a last.pt's optimizer state is not needed
     cfg = resumed["config"] if resumed else new_config(args, init)  # a resumed run keeps its network
     torch.manual_seed(args.seed)
     if args.dry_run:
@@ -402,22 +405,23 @@ def new_config(args, init):
     try:
         if init is None:
             cfg = model_config(args.preset, args.image_size)
-        else:
-            cfg = dict(init["config"], image_size=args.image_size or init["config"]["image_size"])
-            check_image_size(cfg["image_size"], len(cfg["widths"]) - 1)
+        else:  # load_model has checked the config and the --image-size override
+            cfg = dict(init["config"])
             if args.class_cond and not cfg.get("num_classes"):
                 raise UserError(f"--class-cond: {args.init_from} is an unconditional model")
             args.prediction, args.class_cond = cfg.get("prediction", "eps"), bool(cfg.get("num_classes"))
+            args.preset = None  # the network is the checkpoint's
     except ValueError as e:
-        raise UserError(f"--image-size: {e}" if init else str(e)) from None
+        raise UserError(str(e)) from None
     if args.prediction != "eps":  # what the output means travels with the network
         cfg["prediction"] = args.prediction
     if args.class_cond:  # the names only: nothing decoded yet
         names = image_labels(args.data_root, args.image_dir, args.download)[1]
         if init and names != cfg["classes"]:
+            theirs, ours = ", ".join(cfg["classes"][:3]), ", ".join(names[:3])
             raise UserError(
-                f"{args.init_from} knows {cfg['num_classes']} classes, not this data's {len(names)} "
-                f"({', '.join(names[:3])}, ...): start its class embedding afresh instead (no --init-from)"
+                f"the classes of {args.init_from} ({cfg['num_classes']}: {theirs}, ...) "
+                f"are not this data's ({len(names)}: {ours}, ...)"
             )
         cfg["classes"], cfg["num_classes"] = names, len(names)
     return cfg

@@ -197,7 +197,7 @@ def export_weights(src, dst):
     ckpt = read_checkpoint(src)
     load_model(src)  # refuse to export weights that do not fit their config
     weights = make_checkpoint(ckpt["config"], ckpt["norm"]["mean"], ckpt["norm"]["std"], ckpt["ema"])
-    if Path(dst).suffix == ".safetensors":
+    if Path(dst).suffix.lower() == ".safetensors":
         _write_safetensors(weights, dst)
     else:
         atomic_save(weights, dst)

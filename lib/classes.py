@@ -54,6 +54,12 @@ def spread(classes, n):
     return torch.tensor([classes[i % len(classes)] for i in range(n)])
 
 
+def drawn_classes(num_classes, n, seed):
+    """n classes drawn uniformly with a seed: what sd_inference paints without --class."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(num_classes, (n,), generator=g).tolist()
+
+
 def classes_across(n, num_classes):
     """n labels spread evenly over all the classes (the training-time sample grids)."""
     return torch.arange(n) * num_classes // n

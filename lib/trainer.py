@@ -95,7 +95,7 @@ class TrainingRun:
         )
         self.time_up = False
         kid_here = args.eval_every > 0 and ctx.is_main
-        images, labels = self.load_data(resumed, keep_images=kid_here)
+        images, labels = self.load_data(resumed or init, keep_images=kid_here)
         self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.training.opt,
             mode="min",
@@ -135,9 +135,10 @@ class TrainingRun:
                 labels,
             )
 
-    def load_data(self, resumed, keep_images):
+    def load_data(self, saved, keep_images):
         """Set the batch source and the normalization -> the decoded images (or None) and, for a
-        class-conditional model, their labels (else None).
+        class-conditional model, their labels (else None). `saved`: the checkpoint resumed or
+        started from (--init-from), whose normalization its weights were trained in and keep.
 
         The fast path trains on the images decoded once; the literal path decodes every epoch and
         needs them whole only for their statistics (--image-dir, --norm-stats data) or the KID
@@ -149,7 +150,7 @@ class TrainingRun:
             data_root=args.data_root, image_dir=args.image_dir, download=args.download, limit=args.limit
         )
         images = None
-        own_stats = (args.image_dir or args.norm_stats == "data") and not resumed
+        own_stats = (args.image_dir or args.norm_stats == "data") and not saved
         labels = None
         if self.cfg.get("num_classes"):
             images, labels, names = load_labelled_images(
@@ -166,8 +167,8 @@ class TrainingRun:
             if args.literal
             else DecodedBatches(images, self.device, labels)
         )
-        if resumed:
-            self.mean, self.std = resumed["norm"]["mean"], resumed["norm"]["std"]
+        if saved:
+            self.mean, self.std = saved["norm"]["mean"], saved["norm"]["std"]
         elif own_stats:  # the user's pictures, or --norm-stats data: the images' own statistics
             self.mean, self.std = compute_stats(images)
         else:
@@ -314,11 +315,15 @@ class TrainingRun:
 
     def set_lr(self, time_fraction):
         """The coming step's LR, where the warmup or a per-step schedule sets it (lr_factor);
-        cosine and wsd run to the end of --max-minutes (time_fraction) if given, else of --epochs."""
-        args, step = self.args, self.state["global_step"]
+        cosine and wsd run to the end of --epochs or of --max-minutes (time_fraction), whichever
+        comes first. Epochs are counted in images, which a resume with another batch size or
+        process count keeps."""
+        args, state, step = self.args, self.state, self.state["global_step"]
         if args.lr_schedule == "plateau" and step >= args.warmup_steps:
             return  # ReduceLROnPlateau's, changed at epoch ends
-        progress = time_fraction if args.max_minutes else step / (args.epochs * self.steps_per_epoch)
+        progress = (state["epoch"] + state["images_done"] / self.n_images) / args.epochs
+        if args.max_minutes:
+            progress = max(progress, time_fraction)
         lr = args.lr * lr_factor(
             args.lr_schedule, step, args.warmup_steps, args.lr_decay_steps, progress, args.lr_cooldown
         )

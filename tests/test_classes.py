@@ -13,7 +13,7 @@ import sd_train
 from conftest import TINY, run_args
 from lib import training
 from lib.checkpoint import FORMAT_2, load_model, make_checkpoint
-from lib.classes import GUIDANCE, classes_across, classes_like, parse_classes, spread
+from lib.classes import GUIDANCE, classes_across, classes_like, drawn_classes, parse_classes, spread
 from lib.cli import UserError
 from lib.data import TEST, TRAIN, VAL, DecodedBatches, image_labels, load_labelled_images
 from lib.diffusion import Guided
@@ -179,7 +179,7 @@ def test_without_class_a_conditional_model_paints_classes_drawn_from_the_seed(tm
         assert sd_inference.main([*common, "--seed", "3", *out, *flags]) == 0
         return [np.asarray(Image.open(f)) for f in sorted((tmp_path / name).glob("*.png"))]
 
-    drawn = torch.randint(3, (4,), generator=torch.Generator().manual_seed(3)).tolist()
+    drawn = drawn_classes(3, 4, seed=3)
     assert len(set(drawn)) > 1  # the test needs a mix
     as_asked = paint("asked", "--class", ",".join(map(str, drawn)))
     assert all(np.array_equal(a, b) for a, b in zip(paint("drawn"), as_asked, strict=True))
@@ -190,6 +190,12 @@ def test_without_class_a_conditional_model_paints_classes_drawn_from_the_seed(tm
         for a, b in zip(none, paint("ignored", "--class", "red", "--guidance", "0"), strict=True)
     )
     assert not all(np.array_equal(a, b) for a, b in zip(none, as_asked, strict=True))
+    # a sketch's result i has the seed --seed + i for its noise, and for its class too
+    ckpt = {"config": {"classes": ["red", "green", "blue"]}}
+    args = sd_inference.get_parser().parse_args(["--init-image", "x.png", "--seed", "5", "--num-images", "3"])
+    labels, names = sd_inference.class_labels(args, ckpt)
+    assert labels.tolist() == [drawn_classes(3, 1, 5 + i)[0] for i in range(3)]
+    assert names == [ckpt["config"]["classes"][i] for i in labels.tolist()]
 
 
 def test_the_class_probe_reads_clusters():

@@ -14,10 +14,12 @@ from torch.utils.data import DataLoader
 
 import sd_train
 from conftest import ROOT, StopAfter, loss_curve, run_args
+from lib.checkpoint import make_checkpoint
 from lib.data import _ignore_stop_signals, load_images, start_workers
 from lib.normalization import FLOWERS_MEAN
 from lib.run_folder import lock_run_folder
 from lib.runtime import pick_precision
+from lib.unet import build_unet
 
 
 def assert_same_state(path_a, path_b):
@@ -227,8 +229,9 @@ def test_init_from_starts_a_new_run_at_a_checkpoints_ema_weights(data_root, tmp_
     for name in ("model", "ema"):
         assert seen[name].keys() == ema.keys()
         assert all(torch.equal(seen[name][k], ema[k]) for k in ema), name
-    assert sd_train.main([*new, "--epochs", "1"]) == 0
+    assert sd_train.main([*new, "--epochs", "1", "--norm-stats", "data"]) == 0
     ckpt = torch.load(tmp_path / "new" / "last.pt", weights_only=True)
+    assert ckpt["norm"] == torch.load(src / "last.pt", weights_only=True)["norm"]  # what the weights know
     assert ckpt["config"] == dict(ckpt["config"], image_size=64, widths=[32, 64, 96, 128])
     assert ckpt["train"]["global_step"] == 4  # a fresh optimizer: 64 images in batches of 16
     assert ckpt["train"]["args"]["init_from"] == str(src / "last.pt")
@@ -240,12 +243,13 @@ def test_init_from_starts_a_new_run_at_a_checkpoints_ema_weights(data_root, tmp_
     assert capsys.readouterr().err.startswith("error: --image-size:")
     assert sd_train.main([*new, "--class-cond", "--out-dir", str(tmp_path / "x")]) == 2
     assert "is an unconditional model" in capsys.readouterr().err
-    cond = torch.load(src / "last.pt", weights_only=True)
-    cond["config"].update(num_classes=2, classes=["a", "b"])
-    torch.save(cond, tmp_path / "cond.pt")
+    cfg = dict(ckpt["config"], num_classes=2, classes=["a", "b"])
+    torch.save(
+        make_checkpoint(cfg, [0.5] * 3, [0.25] * 3, build_unet(cfg).state_dict()), tmp_path / "cond.pt"
+    )
     args = run_args(data_root, tmp_path / "x", "--init-from", str(tmp_path / "cond.pt"))
     assert sd_train.main(args) == 2
-    assert "knows 2 classes, not this data's 102" in capsys.readouterr().err
+    assert "(2: a, b, ...) are not this data's (102: pink primrose" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
