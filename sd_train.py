@@ -25,7 +25,7 @@ from lib.run_folder import check_out_dir, lock_run_folder
 from lib.runtime import add_device_args, literal_precision, setup, tune_for_training
 from lib.samplers import MIN_EVALUATIONS, SAMPLERS
 from lib.trainer import TrainingRun, trained_minutes
-from lib.unet import PRESETS, build_unet, count_parameters, model_config
+from lib.unet import ACTIVATIONS, NETWORK_OPTIONS, PRESETS, build_unet, count_parameters, model_config
 
 ONE_SHOT = ("resume", "overwrite", "dry_run")  # flags that --resume does not take from the saved run
 # Saved absolute: a resume may run elsewhere.
@@ -80,6 +80,7 @@ def get_parser():
         "--preset", default="sd128", choices=sorted(PRESETS), help="network and image size (lib/unet.py)"
     )
     p.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
+    add_network_args(p.add_argument_group("network (the preset's unless given; README: Training recipes)"))
     add_data_args(p.add_argument_group("data"))
     add_recipe_args(p.add_argument_group("optimisation (--recipe sets those marked so; a flag overrides it)"))
     add_output_args(p.add_argument_group("outputs"))
@@ -273,6 +274,16 @@ def resolve_args(argv):
     return apply_recipe(absolute_paths(argparse.Namespace(**merged))), ckpt
 
 
+def add_network_args(p):
+    both = argparse.BooleanOptionalAction
+    p.add_argument(
+        "--adaptive-norm", action=both, help="the noise level and class scale and shift every block's input"
+    )
+    p.add_argument("--attention", action=both, help="self-attention in the bottleneck")
+    p.add_argument("--activation", choices=sorted(ACTIVATIONS), help="of the residual blocks")
+    p.add_argument("--zero-init", action=both, help="the output conv starts at zero")
+
+
 def check_resumable(path, ckpt, explicit, merged):
     """One-line errors for a resume that cannot go on as asked."""
     state, saved = ckpt["train"], ckpt["train"]["args"]
@@ -282,6 +293,7 @@ def check_resumable(path, ckpt, explicit, merged):
         recipe=saved.get("recipe", "original"),
         prediction=ckpt["config"].get("prediction", "eps"),
         class_cond="num_classes" in ckpt["config"],
+        **{k: ckpt["config"].get(k, v) for k, v in NETWORK_OPTIONS.items()},
     )
     for name, used in fixed.items():
         if name in explicit and explicit[name] != used:
@@ -404,8 +416,14 @@ def new_config(args, init):
     whose prediction and classes the run then keeps (args updated to say so)."""
     try:
         if init is None:
-            cfg = model_config(args.preset, args.image_size)
-        else:  # load_model has checked the config and the --image-size override
+            cfg = model_config(args.preset, args.image_size, **{k: getattr(args, k) for k in NETWORK_OPTIONS})
+        else:
+            given = [k for k in NETWORK_OPTIONS if getattr(args, k) is not None]
+            if given:
+                flag = "--" + given[0].replace("_", "-")
+                raise UserError(
+                    f"{flag}: the network of --init-from {args.init_from} is fixed"
+                )  # load_model has checked the config and the --image-size override
             cfg = dict(init["config"])
             if args.class_cond and not cfg.get("num_classes"):
                 raise UserError(f"--class-cond: {args.init_from} is an unconditional model")

@@ -3,7 +3,9 @@
 Layout (a plain dict, so `torch.load(weights_only=True)` reads it and a crafted file cannot run code):
     format  "flowers-ddim/1" ("flowers-ddim/2" where config holds a prediction other than eps)
     config  {"image_size", "widths", "embedding_dim", "block_depth"}: rebuilds the network;
-            "prediction": "v" where the network predicts v (absent: the noise, eps)
+            "prediction": "v" where the network predicts v (absent: the noise, eps);
+            "num_classes" and "classes" for a class-conditional network; lib/unet.py's
+            NETWORK_OPTIONS where the network departs from the original's
     norm    {"mean": [3 floats], "std": [3 floats]}: the data normalization the model was trained in
     ema     state dict of the EMA weights (what is sampled)
     train   (best.pt / last.pt only) everything sd_train.py --resume needs
@@ -26,11 +28,12 @@ from lib.cli import ArgumentParser, UserError, run_cli
 from lib.diffusion import PREDICTIONS, as_noise_predictor
 from lib.files import atomic_save, atomic_write
 from lib.normalization import FLOWERS_MEAN, FLOWERS_STD
-from lib.unet import build_unet, check_image_size
+from lib.unet import NETWORK_OPTIONS, build_unet, check_image_size
 
 FORMAT = "flowers-ddim/1"
 # Written where the config holds what readers of /1 would ignore (a v-predicting network, a
-# class-conditional one): those readers then refuse the file instead of sampling it wrongly.
+# class-conditional one, network options): those readers then refuse the file instead of
+# sampling it wrongly.
 FORMAT_2 = "flowers-ddim/2"
 ORIGINAL_IMAGE_SIZE = 128  # the original trained and sampled at 128 px only; its files do not say
 
@@ -38,7 +41,9 @@ ORIGINAL_IMAGE_SIZE = 128  # the original trained and sampled at 128 px only; it
 def make_checkpoint(config, mean, std, ema_state, train_state=None):
     ckpt = {
         "format": FORMAT_2
-        if config.get("prediction", "eps") != "eps" or config.get("num_classes")
+        if config.get("prediction", "eps") != "eps"
+        or config.get("num_classes")
+        or any(k in config for k in NETWORK_OPTIONS)
         else FORMAT,
         "config": dict(config),
         "norm": {"mean": list(mean), "std": list(std)},

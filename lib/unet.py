@@ -23,7 +23,29 @@ PRESETS = {
     # The original's four down levels at a quarter of its parameters (16,329,347; its widths halved):
     # 128 px trained on one GPU in minutes, 33 MB in fp16, small enough to ship in the repo.
     "flowers128": dict(image_size=128, widths=(32, 64, 128, 256, 512), embedding_dim=32, block_depth=2),
+    # flowers64's widths with the network levers of README's study switched on (NETWORK_OPTIONS).
+    "flowers64-v2": dict(
+        image_size=64,
+        widths=(32, 64, 96, 128),
+        embedding_dim=32,
+        block_depth=2,
+        adaptive_norm=True,
+        attention=True,
+        activation="silu",
+        zero_init=True,
+    ),
 }
+
+# Departures from the original network, each a config key that an old config lacks (so it reads
+# as the original's value) and an sd_train.py flag:
+#   adaptive_norm  the noise level (and class) also scale and shift every block's normalized input,
+#                  not only the input image (AdaGN of Dhariwal & Nichol 2021, on BatchNorm here)
+#   attention      multi-head self-attention in the bottleneck (DDPM, Ho et al. 2020: 8x8 at 64 px)
+#   activation     "leaky_relu" (the original's) or "silu" (DDPM and most later U-Nets)
+#   zero_init      the output conv starts at zero, so the first prediction is 0 rather than noise
+NETWORK_OPTIONS = dict(adaptive_norm=False, attention=False, activation="leaky_relu", zero_init=False)
+ACTIVATIONS = {"leaky_relu": nn.LeakyReLU, "silu": nn.SiLU}
+ATTENTION_HEAD_DIM = 32
 
 
 def sinusoidal_embedding(noise_var, dim):
@@ -39,9 +61,10 @@ def sinusoidal_embedding(noise_var, dim):
 
 
 class ResidualBlock(nn.Module):
-    """[1x1 conv if the width changes] -> x + conv3(lrelu(conv3(bn(x))))."""
+    """[1x1 conv if the width changes] -> x + conv3(act(conv3(bn(x)))); with cond_dim > 0,
+    bn(x) * (1 + scale) + shift in place of bn(x), scale and shift linear in the conditioning."""
 
-    def __init__(self, in_ch, out_ch):
+    def __init__(self, in_ch, out_ch, activation="leaky_relu", cond_dim=0):
         super().__init__()
         # The original allocates this conv in every block; it only runs where widths differ, so we
         # only allocate it there (no dead weights; the original's extra keys are dropped on load).
@@ -49,34 +72,68 @@ class ResidualBlock(nn.Module):
         self.block = nn.Sequential(
             nn.BatchNorm2d(out_ch),
             nn.Conv2d(out_ch, out_ch, 3, padding=1),
-            nn.LeakyReLU(),
+            ACTIVATIONS[activation](),
             nn.Conv2d(out_ch, out_ch, 3, padding=1),
         )
+        # Zero at the start (as adaLN-Zero in DiT): a new block begins as the unconditioned one.
+        self.modulation = nn.Linear(cond_dim, 2 * out_ch) if cond_dim else None
+        if self.modulation is not None:
+            nn.init.zeros_(self.modulation.weight)
+            nn.init.zeros_(self.modulation.bias)
 
-    def residual(self, x, fuse_ops=False):
-        """The block after channel adaptation: (B, out_ch, H, W) -> (B, out_ch, H, W).
+    def residual(self, x, fuse_ops=False, cond=None):
+        """The block after channel adaptation: (B, out_ch, H, W) -> (B, out_ch, H, W); cond: (B, D)
+        for an adaptive-norm block.
 
         fuse_ops: where lib/cpu_fusion.py applies (bf16 on a CPU), each convolution runs with the
         step after it, LeakyReLU or the residual add, as one oneDNN call: the same function."""
-        if fuse_ops and cpu_fusion.applies(x):
-            norm, conv1, act, conv2 = self.block
-            return cpu_fusion.conv_add(
-                cpu_fusion.conv_leaky_relu(norm(x), conv1, act.negative_slope), conv2, x
-            )
-        return x + self.block(x)
+        norm, conv1, act, conv2 = self.block
+        h = norm(x)
+        if self.modulation is not None:
+            scale, shift = self.modulation(cond).to(h.dtype)[:, :, None, None].chunk(2, dim=1)
+            h = h * (1 + scale) + shift
+        if not (fuse_ops and cpu_fusion.applies(x)):
+            return x + conv2(act(conv1(h)))
+        if isinstance(act, nn.LeakyReLU):
+            h = cpu_fusion.conv_leaky_relu(h, conv1, act.negative_slope)
+        else:  # oneDNN's fused SiLU would have to keep the conv's output for its backward anyway
+            h = act(conv1(h))
+        return cpu_fusion.conv_add(h, conv2, x)
 
-    def forward(self, x, fuse_ops=False):
+    def forward(self, x, fuse_ops=False, cond=None):
         if self.channel_adaptation is not None:
             x = self.channel_adaptation(x)
-        return self.residual(x, fuse_ops)
+        return self.residual(x, fuse_ops, cond)
+
+
+class SelfAttention(nn.Module):
+    """x + proj(attention(norm(x))) over the pixels of a small map, heads of ATTENTION_HEAD_DIM
+    channels (Vaswani et al. 2017; at 8x8 that is 64 tokens). proj starts at zero: the block
+    begins as the identity."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.heads = channels // ATTENTION_HEAD_DIM if channels % ATTENTION_HEAD_DIM == 0 else 1
+        self.norm = nn.GroupNorm(math.gcd(32, channels), channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, HW, C/heads)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
 class Level(nn.Module):
     """One resolution level: `block_depth` residual blocks (a container; UNet.forward runs it)."""
 
-    def __init__(self, in_channels, width):
+    def __init__(self, in_channels, width, block=ResidualBlock):
         super().__init__()
-        self.residual_blocks = nn.ModuleList(ResidualBlock(c, width) for c in in_channels)
+        self.residual_blocks = nn.ModuleList(block(c, width) for c in in_channels)
 
 
 class UNet(nn.Module):
@@ -86,8 +143,16 @@ class UNet(nn.Module):
     concatenated); literal=False (default) runs an exactly equivalent, cheaper one (see forward).
     """
 
-    def __init__(self, widths, embedding_dim, block_depth, literal=False, num_classes=0):
+    def __init__(self, widths, embedding_dim, block_depth, literal=False, num_classes=0, **options):
         super().__init__()
+        unknown = set(options) - set(NETWORK_OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown network options {sorted(unknown)}")
+        opt = {**NETWORK_OPTIONS, **options}
+        if opt["activation"] not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown activation {opt['activation']!r}; choose from {', '.join(ACTIVATIONS)}"
+            )
         self.widths, self.embedding_dim, self.block_depth = tuple(widths), embedding_dim, block_depth
         self.literal, self.num_classes = literal, num_classes
         *level_widths, bottom = self.widths
@@ -97,13 +162,20 @@ class UNet(nn.Module):
         # noise embedding: both are constant over the image.
         self.class_embedding = nn.Embedding(num_classes + 1, embedding_dim) if num_classes else None
         conditions = embedding_dim * (2 if num_classes else 1)
+        # adaptive_norm: one MLP of the embeddings, read by every block (as DDPM's time embedding)
+        cond_dim = 4 * embedding_dim if opt["adaptive_norm"] else 0
+        self.cond_mlp = nn.Sequential(nn.Linear(conditions, cond_dim), nn.SiLU()) if cond_dim else None
+
+        def block(c_in, c_out):
+            return ResidualBlock(c_in, c_out, opt["activation"], cond_dim)
 
         self.down_blocks = nn.ModuleList()
         ch = level_widths[0] + conditions  # cat([in_conv(x), embeddings])
         for w in level_widths:
-            self.down_blocks.append(Level([ch] + [w] * (block_depth - 1), w))
+            self.down_blocks.append(Level([ch] + [w] * (block_depth - 1), w, block))
             ch = w
-        self.bottleneck = nn.ModuleList(ResidualBlock(c, bottom) for c in [ch] + [bottom] * (block_depth - 1))
+        self.bottleneck = nn.ModuleList(block(c, bottom) for c in [ch] + [bottom] * (block_depth - 1))
+        self.attention = SelfAttention(bottom) if opt["attention"] else None  # after the first block
         ch = bottom
 
         # Each up block consumes the skips of the matching down block, last saved first used.
@@ -113,14 +185,18 @@ class UNet(nn.Module):
             for _ in range(block_depth):
                 in_channels.append(ch + w)
                 ch = w
-            self.up_blocks.append(Level(in_channels, w))
+            self.up_blocks.append(Level(in_channels, w, block))
         self.out_conv = nn.Conv2d(level_widths[0], 3, 1)
+        if opt["zero_init"]:
+            nn.init.zeros_(self.out_conv.weight)
+            nn.init.zeros_(self.out_conv.bias)
 
     def forward(self, x, noise_var, labels=None):
         """x: (B, 3, H, W) noisy images; noise_var: (B,) noise_rate**2; labels: (B,) class indices
         of a class-conditional network (None or num_classes: no class) -> (B, 3, H, W) noise."""
         e = self.embed(noise_var, labels).to(x.dtype)
-        return self._forward_literal(x, e) if self.literal else self._forward_fused(x, e)
+        c = None if self.cond_mlp is None else self.cond_mlp(e)
+        return self._forward_literal(x, e, c) if self.literal else self._forward_fused(x, e, c)
 
     def embed(self, noise_var, labels):
         """-> (B, E) or (B, 2E): the noise level's sinusoidal features, then the class's vector."""
@@ -133,25 +209,24 @@ class UNet(nn.Module):
             labels = torch.full(noise_var.shape, self.num_classes, device=noise_var.device)
         return torch.cat([e, self.class_embedding(labels).float()], dim=1)
 
-    def _forward_literal(self, x, e):
+    def _forward_literal(self, x, e, c):
         """The original's computation, step by step."""
         e_map = F.interpolate(e[:, :, None, None], size=x.shape[-2:], mode="bilinear", align_corners=True)
         h = torch.cat([self.in_conv(x), e_map], dim=1)  # (B, w0 + E, H, W)
         skips = []
         for level in self.down_blocks:
             for block in level.residual_blocks:
-                h = block(h)  # (B, w_i, H/2^i, W/2^i)
+                h = block(h, cond=c)  # (B, w_i, H/2^i, W/2^i)
                 skips.append(h)
             h = F.avg_pool2d(h, 2)
-        for block in self.bottleneck:
-            h = block(h)  # (B, wL, H/2^L, W/2^L)
+        h = self._bottleneck(h, c, fuse_ops=False)  # (B, wL, H/2^L, W/2^L)
         for level in self.up_blocks:
             h = upsample(h)
             for block in level.residual_blocks:
-                h = block(torch.cat([h, skips.pop()], dim=1))  # last saved skip first
+                h = block(torch.cat([h, skips.pop()], dim=1), cond=c)  # last saved skip first
         return self.out_conv(h)  # (B, 3, H, W)
 
-    def _forward_fused(self, x, e):
+    def _forward_fused(self, x, e, c):
         """The same function with fewer operations, by exact identities of linear maps.
 
         A 1x1 conv of a concatenation is the sum of 1x1 convs of its parts, so
@@ -175,19 +250,25 @@ class UNet(nn.Module):
         for i, level in enumerate(self.down_blocks):
             for j, block in enumerate(level.residual_blocks):
                 step = block.residual if i == j == 0 else block  # the fold above did the first adaptation
-                h = step(h, fuse_ops=True)  # (B, w_i, H/2^i, W/2^i)
+                h = step(h, fuse_ops=True, cond=c)  # (B, w_i, H/2^i, W/2^i)
                 skips.append(h)
             h = F.avg_pool2d(h, 2)
-        for block in self.bottleneck:
-            h = block(h, fuse_ops=True)  # (B, wL, H/2^L, W/2^L)
+        h = self._bottleneck(h, c, fuse_ops=True)  # (B, wL, H/2^L, W/2^L)
         for level in self.up_blocks:
             first, *rest = level.residual_blocks
             a_h, a_s = first.channel_adaptation.weight.split([h.shape[1], skips[-1].shape[1]], dim=1)
             h = upsample(F.conv2d(h, a_h)) + F.conv2d(skips.pop(), a_s, first.channel_adaptation.bias)
-            h = first.residual(h, fuse_ops=True)  # (B, w, 2h, 2w)
+            h = first.residual(h, fuse_ops=True, cond=c)  # (B, w, 2h, 2w)
             for block in rest:
-                h = block(torch.cat([h, skips.pop()], dim=1), fuse_ops=True)
+                h = block(torch.cat([h, skips.pop()], dim=1), fuse_ops=True, cond=c)
         return self.out_conv(h)  # (B, 3, H, W)
+
+    def _bottleneck(self, h, c, fuse_ops):
+        for i, block in enumerate(self.bottleneck):
+            h = block(h, fuse_ops, c)
+            if i == 0 and self.attention is not None:
+                h = self.attention(h)
+        return h
 
 
 def upsample(h):
@@ -195,14 +276,23 @@ def upsample(h):
     return F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=True)
 
 
-def model_config(preset, image_size=None):
-    """The preset's config dict (what a checkpoint stores), with an optional image-size override."""
+def model_config(preset, image_size=None, **options):
+    """The preset's config dict (what a checkpoint stores), with an optional image-size override
+    and network options (None: the preset's). Options at the original's value are left out, so
+    the original's networks keep the original's config."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     cfg = dict(PRESETS[preset])
     cfg["widths"] = list(cfg["widths"])
     if image_size is not None:
         cfg["image_size"] = image_size
+    for key, value in options.items():
+        if key not in NETWORK_OPTIONS:
+            raise ValueError(f"unknown network option {key!r}")
+        if value is not None:
+            cfg[key] = value
+        if cfg.get(key, NETWORK_OPTIONS[key]) == NETWORK_OPTIONS[key]:
+            cfg.pop(key, None)
     check_image_size(cfg["image_size"], len(cfg["widths"]) - 1)
     return cfg
 
@@ -217,8 +307,12 @@ def check_image_size(image_size, num_levels):
 
 
 def build_unet(cfg, literal=False):
-    """The network a config describes; "num_classes" (absent: 0) makes it class-conditional."""
-    return UNet(cfg["widths"], cfg["embedding_dim"], cfg["block_depth"], literal, cfg.get("num_classes", 0))
+    """The network a config describes; "num_classes" (absent: 0) makes it class-conditional, and
+    NETWORK_OPTIONS keys (absent: the original's) choose the departures from the original."""
+    options = {k: cfg[k] for k in NETWORK_OPTIONS if k in cfg}
+    return UNet(
+        cfg["widths"], cfg["embedding_dim"], cfg["block_depth"], literal, cfg.get("num_classes", 0), **options
+    )
 
 
 def count_parameters(model):

@@ -76,10 +76,10 @@ def _few_threads():
     torch.set_num_threads(n)
 
 
-def loss_curve(images, literal, precision, steps=200, batch=32):
+def loss_curve(images, literal, precision, steps=200, batch=32, cfg=TINY):
     """Per-step losses of `steps` Adam steps (lr 1e-3) on a fixed stream of real flower batches."""
     torch.manual_seed(0)
-    run = Training(TINY, torch.device("cpu"), precision, 1e-3, literal=literal)
+    run = Training(cfg, torch.device("cpu"), precision, 1e-3, literal=literal)
     noise_gen, data_gen = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
     losses = []
     for _ in range(steps):

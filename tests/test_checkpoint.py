@@ -37,6 +37,8 @@ def test_round_trip(tmp_path):
     model = tiny_checkpoint(tmp_path / "m.pt", train_state={"epoch": 3})
     loaded, ckpt = load_model(tmp_path / "m.pt")
     assert ckpt["config"] == TINY and ckpt["norm"] == {"mean": [0.5] * 3, "std": [0.25] * 3}
+    assert ckpt["format"] == "flowers-ddim/1"  # the original's network: readable by older code
+    assert make_checkpoint(dict(TINY, activation="silu"), *[[0.5] * 3] * 2, {})["format"] == "flowers-ddim/2"
     assert ckpt["train"] == {"epoch": 3}
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
@@ -155,9 +157,12 @@ def test_safetensors_export_is_plain_safetensors_with_the_config_in_its_metadata
     from lib.checkpoint import export_weights
 
     classes = ["pink primrose", "hard-leaved pocket orchid"]
-    cond = dict(TINY, num_classes=2, classes=classes, prediction="v")
+    cond = dict(TINY, num_classes=2, classes=classes, prediction="v", adaptive_norm=True, attention=True)
     torch.manual_seed(0)
     model = build_unet(cond)
+    with torch.no_grad():  # the zero-initialized modulations and attention output
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
     atomic_save(make_checkpoint(cond, [0.5] * 3, [0.25] * 3, model.state_dict()), tmp_path / "c.pt")
     export_weights(tmp_path / "c.pt", tmp_path / "c.safetensors")
     with safetensors.safe_open(tmp_path / "c.safetensors", "pt") as f:

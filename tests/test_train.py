@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import sd_train
-from conftest import ROOT, StopAfter, loss_curve, run_args
+from conftest import ROOT, TINY, StopAfter, loss_curve, run_args
 from lib.checkpoint import make_checkpoint
 from lib.data import _ignore_stop_signals, load_images, start_workers
 from lib.normalization import FLOWERS_MEAN
@@ -38,13 +38,18 @@ def assert_same_state(path_a, path_b):
     assert [r["loss"] for r in a["train"]["log"]] == [r["loss"] for r in b["train"]["log"]]
 
 
-def test_loss_halves_on_real_flowers(data_root):
+@pytest.mark.parametrize(
+    "options", [{}, dict(adaptive_norm=True, attention=True, activation="silu", zero_init=True)]
+)
+def test_loss_halves_on_real_flowers(data_root, options):
     """A small U-Net on 640 real flowers at 32 px: 200 Adam steps (lr 1e-3, batch 32, bf16 where
-    native) take the L1 noise loss from ~0.75 (an untrained network) below half of that."""
+    native) take the L1 noise loss from ~0.75 (an untrained network; 0.80 = E|eps| for a zero
+    output) below half of that; with the original's network and with every network option."""
     losses = loss_curve(
         load_images(32, data_root, limit=640),
         literal=False,
         precision=pick_precision("auto", torch.device("cpu")),
+        cfg=dict(TINY, **options),
     )
     assert losses[-20:].mean() < 0.5 * losses[:10].mean(), losses
 
@@ -60,6 +65,15 @@ def test_dry_run_prints_the_exact_parameter_counts(capsys):
         and "batch_size: 64" in out
         and "lr: 0.0003" in out
     )
+    # the network options: the preset's, each overridable, shown in the config
+    assert (
+        sd_train.main(
+            ["--dry-run", "--preset", "flowers64-v2", "--no-attention", "--activation", "leaky_relu"]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "'adaptive_norm': True, 'zero_init': True}" in out and "parameters: 1981475" in out
 
 
 def test_a_short_run_writes_every_output(data_root, tmp_path):
@@ -159,6 +173,8 @@ def test_resume_guards_and_overrides(data_root, tmp_path, capsys):
     assert "at the end of epoch 1 already: pass --epochs N with N > 1" in capsys.readouterr().err
     assert sd_train.main(["--resume", str(run / "last.pt"), "--epochs", "2", "--image-size", "64"]) == 2
     assert "the run used 32" in capsys.readouterr().err
+    assert sd_train.main(["--resume", str(run / "last.pt"), "--epochs", "2", "--attention"]) == 2
+    assert "--attention cannot change on --resume (the run used False)" in capsys.readouterr().err
     old = tmp_path / "old.pt"
     shutil.copy(run / "last.pt", old)
     # flags given on resume override the saved ones, the LR schedule's included
@@ -243,6 +259,8 @@ def test_init_from_starts_a_new_run_at_a_checkpoints_ema_weights(data_root, tmp_
     assert capsys.readouterr().err.startswith("error: --image-size:")
     assert sd_train.main([*new, "--class-cond", "--out-dir", str(tmp_path / "x")]) == 2
     assert "is an unconditional model" in capsys.readouterr().err
+    assert sd_train.main([*new, "--activation", "silu", "--out-dir", str(tmp_path / "x")]) == 2
+    assert "--activation: the network of --init-from" in capsys.readouterr().err
     cfg = dict(ckpt["config"], num_classes=2, classes=["a", "b"])
     torch.save(
         make_checkpoint(cfg, [0.5] * 3, [0.25] * 3, build_unet(cfg).state_dict()), tmp_path / "cond.pt"

@@ -1,11 +1,25 @@
 import pytest
 import torch
 
-from lib.unet import PRESETS, UNet, build_unet, count_parameters, model_config, sinusoidal_embedding
+from lib.unet import (
+    PRESETS,
+    SelfAttention,
+    UNet,
+    build_unet,
+    count_parameters,
+    model_config,
+    sinusoidal_embedding,
+)
 
 
 @pytest.mark.parametrize(
-    "preset,params", [("sd128", 65_289_475), ("flowers64", 1_713_059), ("flowers128", 16_329_347)]
+    "preset,params",
+    [
+        ("sd128", 65_289_475),
+        ("flowers64", 1_713_059),
+        ("flowers128", 16_329_347),
+        ("flowers64-v2", 2_047_779),
+    ],
 )
 def test_exact_parameter_counts(preset, params):
     assert count_parameters(build_unet(model_config(preset))) == params
@@ -77,3 +91,67 @@ def test_each_image_is_conditioned_on_its_own_noise_variance():
         a, b = model(x, torch.tensor([0.1, 0.9])), model(x, torch.tensor([0.1, 0.5]))
     torch.testing.assert_close(a[0], b[0])
     assert not torch.allclose(a[1], b[1])
+
+
+def randomize_zeros(model):
+    """Give the zero-initialized tensors (modulations, attention output, output conv) random
+    values, so that what they feed is tested too."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.1)
+
+
+def test_network_options_in_both_formulations():
+    """Adaptive norm, attention and SiLU, class-conditional: the fused path equals the literal
+    one, outputs and every gradient, in fp64 and train mode."""
+    torch.manual_seed(0)
+    cfg = dict(model_config("flowers64-v2", image_size=32), num_classes=3)
+    fused, literal = build_unet(cfg), build_unet(cfg, literal=True)
+    randomize_zeros(fused)
+    literal.load_state_dict(fused.state_dict())
+    fused.double(), literal.double()
+    x, v, labels = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.rand(2, dtype=torch.float64), [0, 3]
+    out_f, out_l = fused(x, v, torch.tensor(labels)), literal(x, v, torch.tensor(labels))
+    torch.testing.assert_close(out_f, out_l, rtol=1e-9, atol=1e-9)
+    out_f.square().sum().backward()
+    out_l.square().sum().backward()
+    for (name, pf), pl in zip(fused.named_parameters(), literal.parameters(), strict=True):
+        assert pf.grad.abs().sum() > 0, name  # every part of the network is used
+        torch.testing.assert_close(pf.grad, pl.grad, rtol=1e-7, atol=1e-9, msg=name)
+
+
+def test_new_blocks_start_as_the_identity_and_zero_init_predicts_zero():
+    torch.manual_seed(0)
+    plain = build_unet(model_config("flowers64", image_size=32)).eval()
+    cfg = model_config("flowers64", image_size=32, adaptive_norm=True, attention=True)
+    added = build_unet(cfg).eval()
+    added.load_state_dict(plain.state_dict(), strict=False)  # the shared weights
+    x, v = torch.randn(2, 3, 32, 32), torch.rand(2)
+    with torch.no_grad():
+        torch.testing.assert_close(added(x, v), plain(x, v))
+        assert not build_unet(model_config("flowers64-v2", image_size=32)).eval()(x, v).any()
+
+
+def test_attention_is_softmax_attention_over_pixels():
+    torch.manual_seed(0)
+    attn = SelfAttention(64).double()  # two heads of 32 channels
+    randomize_zeros(attn)
+    x = torch.randn(2, 64, 4, 4, dtype=torch.float64)
+    q, k, v = attn.qkv(attn.norm(x)).flatten(2).chunk(3, dim=1)  # each (B, 64, 16)
+    heads = []
+    for h in range(2):
+        qh, kh, vh = (t[:, 32 * h : 32 * (h + 1)] for t in (q, k, v))
+        weights = torch.softmax(qh.transpose(1, 2) @ kh / 32**0.5, dim=-1)  # (B, 16 queries, 16 keys)
+        heads.append(vh @ weights.transpose(1, 2))  # (B, 32, 16)
+    expected = x + attn.proj(torch.cat(heads, 1).reshape(2, 64, 4, 4))
+    torch.testing.assert_close(attn(x), expected)
+
+
+def test_network_options_are_checked_and_left_out_at_the_originals_values():
+    assert model_config("flowers64", activation="leaky_relu", attention=False) == model_config("flowers64")
+    assert "attention" not in model_config("flowers64-v2", attention=False)
+    with pytest.raises(ValueError, match="unknown activation 'gelu'"):
+        build_unet(dict(model_config("flowers64"), activation="gelu"))
+    with pytest.raises(ValueError, match="unknown network option"):
+        model_config("flowers64", dropout=0.1)
