@@ -65,19 +65,22 @@ def draw(names, args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in names:
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    colors = plt.get_cmap("tab10" if len(names) <= 10 else "tab20").colors  # one colour per run
+    for i, name in enumerate(names):
         minutes, kids = 0.0, []
         for row in read_log(Path(args.out_dir) / name):
             minutes += float(row["seconds"]) / 60
             if row["kid"]:
                 kids.append((minutes, float(row["kid"])))
         if kids:
-            ax.plot(*zip(*kids, strict=True), marker="o", markersize=3, label=name)
+            ax.plot(
+                *zip(*kids, strict=True), marker="o", markersize=3, label=name, color=colors[i % len(colors)]
+            )
     ax.set(xlabel="minutes of training steps", ylabel="KID [efficientnet-lite0], probe", yscale="log")
     ax.set_title("Quality per minute of training (flowers64)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     fig.tight_layout()
     Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.figure, dpi=100)

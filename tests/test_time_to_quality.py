@@ -22,7 +22,7 @@ def test_two_recipes_for_the_same_minutes_then_the_figure(data_root, tmp_path, c
         assert (tmp_path / "runs" / name / "last.pt").is_file()
         rows = time_to_quality.read_log(tmp_path / "runs" / name)
         assert rows and all(row["kid"] for row in rows)  # a probe at every epoch's end
-    assert Image.open(tmp_path / "ttq.png").size == (700, 450)
+    assert Image.open(tmp_path / "ttq.png").size == (850, 450)
     capsys.readouterr()
     assert time_to_quality.main(argv) == 0  # the same command again: nothing left to train
     assert capsys.readouterr().out.count("minutes trained already") == 2
