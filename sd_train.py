@@ -210,6 +210,18 @@ def add_recipe_args(p):
     )
 
 
+def add_network_args(p):
+    both = argparse.BooleanOptionalAction
+    p.add_argument(
+        "--adaptive-norm",
+        action=both,
+        help="the noise level and class scale and shift every block's normalized input",
+    )
+    p.add_argument("--attention", action=both, help="self-attention in the bottleneck")
+    p.add_argument("--activation", choices=sorted(ACTIVATIONS), help="of the residual blocks")
+    p.add_argument("--zero-init", action=both, help="the output conv starts at zero")
+
+
 def add_output_args(p):
     p.add_argument("--out-dir", default="output_sd", help="checkpoints, log, curves and sample grids")
     p.add_argument(
@@ -272,16 +284,6 @@ def resolve_args(argv):
     check_resumable(args.resume, ckpt, explicit, merged)
     ckpt["explicit"] = set(explicit)  # the flags typed now (an explicit --lr resets the LR on restore)
     return apply_recipe(absolute_paths(argparse.Namespace(**merged))), ckpt
-
-
-def add_network_args(p):
-    both = argparse.BooleanOptionalAction
-    p.add_argument(
-        "--adaptive-norm", action=both, help="the noise level and class scale and shift every block's input"
-    )
-    p.add_argument("--attention", action=both, help="self-attention in the bottleneck")
-    p.add_argument("--activation", choices=sorted(ACTIVATIONS), help="of the residual blocks")
-    p.add_argument("--zero-init", action=both, help="the output conv starts at zero")
 
 
 def check_resumable(path, ckpt, explicit, merged):
@@ -417,14 +419,12 @@ def new_config(args, init):
     try:
         if init is None:
             cfg = model_config(args.preset, args.image_size, **{k: getattr(args, k) for k in NETWORK_OPTIONS})
-        else:
-            given = [k for k in NETWORK_OPTIONS if getattr(args, k) is not None]
-            if given:
-                flag = "--" + given[0].replace("_", "-")
-                raise UserError(
-                    f"{flag}: the network of --init-from {args.init_from} is fixed"
-                )  # load_model has checked the config and the --image-size override
+        else:  # load_model has checked the config and the --image-size override
             cfg = dict(init["config"])
+            for key, default in NETWORK_OPTIONS.items():
+                if getattr(args, key) not in (None, cfg.get(key, default)):
+                    flag = "--" + key.replace("_", "-")
+                    raise UserError(f"{flag}: --init-from {args.init_from} has {cfg.get(key, default)}")
             if args.class_cond and not cfg.get("num_classes"):
                 raise UserError(f"--class-cond: {args.init_from} is an unconditional model")
             args.prediction, args.class_cond = cfg.get("prediction", "eps"), bool(cfg.get("num_classes"))

@@ -235,11 +235,12 @@ def measure(preset, sides, args, steps, n_images, noise, precision, device):
 def bench_preset(preset, args, device, precision):
     """Both paths of one preset -> its two table rows (the best round of each: least disturbed)."""
     cfg = model_config(preset)
-    steps = args.steps or (20 if preset == "flowers64" or device.type == "cuda" else 4)
+    small = cfg["image_size"] <= 64  # the 64 px presets time in seconds on a CPU
+    steps = args.steps or (20 if small or device.type == "cuda" else 4)
     n_images = args.batch * (steps + args.warmup + LOOKAHEAD * args.num_workers)
     sides = build_sides(preset, cfg, args, device, precision, steps, n_images)
     flops_per_image = train_flops(sides["fast"][0], cfg, 2, device) / 2  # FLOPs grow linearly with the batch
-    n_sample = args.sample_images or (64 if device.type == "cuda" else 16 if preset == "flowers64" else 4)
+    n_sample = args.sample_images or (64 if device.type == "cuda" else 16 if small else 4)
     noise = initial_noise(n_sample, cfg["image_size"], seed=0)
     results = measure(preset, sides, args, steps, n_images, noise, precision, device)
     peak = gpu_peak(torch.cuda.get_device_name()) if device.type == "cuda" else None

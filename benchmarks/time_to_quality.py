@@ -3,7 +3,8 @@
     python benchmarks/time_to_quality.py --data-root ../shared/data --minutes 20 \
         --run "original: --recipe original" --run "improved: --recipe improved"
 
-Each run is `NAME: sd_train.py flags`, trained with the flowers64 preset for --minutes of training
+Each run is `NAME: sd_train.py flags`, trained with the flowers64 preset (unless its flags name
+another --preset) for --minutes of training
 steps (sd_train.py --max-minutes) into OUT_DIR/NAME, with the training-time KID probe every
 --eval-every epochs. Runs go one after another, so each has the machine to itself; a run already
 in OUT_DIR continues where it stopped (the same command resumes an interrupted study). The figure
@@ -78,7 +79,7 @@ def draw(names, args):
                 *zip(*kids, strict=True), marker="o", markersize=3, label=name, color=colors[i % len(colors)]
             )
     ax.set(xlabel="minutes of training steps", ylabel="KID [efficientnet-lite0], probe", yscale="log")
-    ax.set_title("Quality per minute of training (flowers64)")
+    ax.set_title("Quality per minute of training")
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     fig.tight_layout()

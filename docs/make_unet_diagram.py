@@ -53,22 +53,28 @@ def draw_unet(preset="flowers64"):
     ax.axis("off")
     top = levels + 1
     text = f"noisy image 3 x {size}²\n+ noise variance -> sin/cos embedding ({cfg['embedding_dim']})"
+    if model.cond_mlp is not None:
+        text += f"\n-> MLP for every block ({count_parameters(model.cond_mlp):,} params)"
     box(ax, 1.5, top, text, "#eeeeee")
     text = f"predicted noise 3 x {size}²\nout_conv 1x1 ({count_parameters(model.out_conv):,} params)"
     box(ax, 9.5, top, text, "#eeeeee")
     for i in range(levels):
         draw_level(ax, model, cfg, i, top)
     yb, res = top - 1 - levels, size // 2**levels
+    attention = model.attention is not None
+    params = count_parameters(model.bottleneck) + (count_parameters(model.attention) if attention else 0)
     text = (
         f"bottleneck: {depth} res blocks, {cfg['widths'][-1]} ch @ {res}²\n"
-        f"{count_parameters(model.bottleneck):,} params"
+        f"{'+ self-attention, ' if attention else ''}{params:,} params"
     )
     box(ax, 5.5, yb, text, "#d9f2d0")
     arrow(ax, 1.5 + 0.9 * (levels - 1), yb + 0.67, 4.2, yb)
     arrow(ax, 6.8, yb, 9.5 - 0.9 * (levels - 1), yb + 0.67)
+    norm = "BN, scaled and shifted by the MLP" if model.cond_mlp is not None else "BN"
+    act = {"leaky_relu": "LeakyReLU", "silu": "SiLU"}[cfg.get("activation", "leaky_relu")]
     ax.set_title(
         f"U-Net '{preset}': {count_parameters(model):,} parameters "
-        "(res block: [1x1 conv if the width changes] -> BN -> 3x3 conv -> LeakyReLU -> 3x3 conv, + input)",
+        f"(res block: [1x1 conv if the width changes] -> {norm} -> 3x3 conv -> {act} -> 3x3 conv, + input)",
         fontsize=9,
     )
     fig.tight_layout()

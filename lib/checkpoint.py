@@ -1,7 +1,8 @@
 """One self-describing checkpoint file, read safely and written atomically.
 
 Layout (a plain dict, so `torch.load(weights_only=True)` reads it and a crafted file cannot run code):
-    format  "flowers-ddim/1" ("flowers-ddim/2" where config holds a prediction other than eps)
+    format  "flowers-ddim/1"; "/2" for a v-predicting or class-conditional network, "/3" for one
+            with network options (see make_checkpoint)
     config  {"image_size", "widths", "embedding_dim", "block_depth"}: rebuilds the network;
             "prediction": "v" where the network predicts v (absent: the noise, eps);
             "num_classes" and "classes" for a class-conditional network; lib/unet.py's
@@ -28,23 +29,28 @@ from lib.cli import ArgumentParser, UserError, run_cli
 from lib.diffusion import PREDICTIONS, as_noise_predictor
 from lib.files import atomic_save, atomic_write
 from lib.normalization import FLOWERS_MEAN, FLOWERS_STD
-from lib.unet import NETWORK_OPTIONS, build_unet, check_image_size
+from lib.unet import CONFIG_KEYS, NETWORK_OPTIONS, build_unet, check_image_size
 
 FORMAT = "flowers-ddim/1"
-# Written where the config holds what readers of /1 would ignore (a v-predicting network, a
-# class-conditional one, network options): those readers then refuse the file instead of
-# sampling it wrongly.
+# Each later format is written where the config holds what the readers of the earlier ones would
+# ignore, so that those refuse the file instead of sampling it wrongly: /2 a v-predicting or
+# class-conditional network, /3 network options (lib/unet.py's NETWORK_OPTIONS).
 FORMAT_2 = "flowers-ddim/2"
+FORMAT_3 = "flowers-ddim/3"
+FORMATS = (FORMAT, FORMAT_2, FORMAT_3)
 ORIGINAL_IMAGE_SIZE = 128  # the original trained and sampled at 128 px only; its files do not say
+
+
+def checkpoint_format(config):
+    """The oldest format whose readers build this config's network correctly."""
+    if any(k in config for k in NETWORK_OPTIONS):
+        return FORMAT_3
+    return FORMAT_2 if config.get("prediction", "eps") != "eps" or config.get("num_classes") else FORMAT
 
 
 def make_checkpoint(config, mean, std, ema_state, train_state=None):
     ckpt = {
-        "format": FORMAT_2
-        if config.get("prediction", "eps") != "eps"
-        or config.get("num_classes")
-        or any(k in config for k in NETWORK_OPTIONS)
-        else FORMAT,
+        "format": checkpoint_format(config),
         "config": dict(config),
         "norm": {"mean": list(mean), "std": list(std)},
         "ema": ema_state,
@@ -109,7 +115,11 @@ def read_checkpoint(path, image_size=None):
         ) from None
     if _is_original(obj):
         return _from_original(obj, image_size)
-    if not (isinstance(obj, dict) and obj.get("format") in (FORMAT, FORMAT_2)):
+    if not (isinstance(obj, dict) and obj.get("format") in FORMATS):
+        if isinstance(obj, dict) and str(obj.get("format")).startswith("flowers-ddim/"):
+            raise UserError(
+                f"{path} is format {obj['format']}, newer than this version reads: update the repo"
+            )
         raise UserError(f"{path} is not a checkpoint of this repo (format {FORMAT}) nor of the original repo")
     missing = [k for k in ("config", "norm", "ema") if not isinstance(obj.get(k), dict)]
     if missing:
@@ -166,6 +176,11 @@ def load_model(path, device="cpu", image_size=None):
     checkpoint dict)."""
     ckpt = read_checkpoint(path, image_size)
     cfg = ckpt["config"]
+    unknown = sorted(set(cfg) - CONFIG_KEYS)
+    if unknown:
+        raise UserError(
+            f"{path} has config keys this version does not know ({', '.join(unknown)}): update the repo"
+        )
     try:
         model = build_unet(cfg)
         check_image_size(cfg.get("image_size"), len(cfg["widths"]) - 1)

@@ -39,8 +39,10 @@ PRESETS = {
 # Departures from the original network, each a config key that an old config lacks (so it reads
 # as the original's value) and an sd_train.py flag:
 #   adaptive_norm  the noise level (and class) also scale and shift every block's normalized input,
-#                  not only the input image (AdaGN of Dhariwal & Nichol 2021, on BatchNorm here)
-#   attention      multi-head self-attention in the bottleneck (DDPM, Ho et al. 2020: 8x8 at 64 px)
+#                  not only the input image (AdaGN of Dhariwal & Nichol 2021, on BatchNorm here),
+#                  through one MLP of the embeddings, 4 x embedding_dim wide (as DDPM's)
+#   attention      multi-head self-attention in the bottleneck (DDPM, Ho et al. 2020: 8x8 at 64 px),
+#                  heads of ATTENTION_HEAD_DIM channels, GroupNorm of up to 32 groups before it
 #   activation     "leaky_relu" (the original's) or "silu" (DDPM and most later U-Nets)
 #   zero_init      the output conv starts at zero, so the first prediction is 0 rather than noise
 NETWORK_OPTIONS = dict(adaptive_norm=False, attention=False, activation="leaky_relu", zero_init=False)
@@ -85,13 +87,14 @@ class ResidualBlock(nn.Module):
         """The block after channel adaptation: (B, out_ch, H, W) -> (B, out_ch, H, W); cond: (B, D)
         for an adaptive-norm block.
 
-        fuse_ops: where lib/cpu_fusion.py applies (bf16 on a CPU), each convolution runs with the
-        step after it, LeakyReLU or the residual add, as one oneDNN call: the same function."""
+        fuse_ops: where lib/cpu_fusion.py applies (bf16 on a CPU), the second convolution runs with
+        the residual add, and the first with a LeakyReLU after it, as one oneDNN call each: the
+        same function (a SiLU runs on its own)."""
         norm, conv1, act, conv2 = self.block
         h = norm(x)
         if self.modulation is not None:
             scale, shift = self.modulation(cond).to(h.dtype)[:, :, None, None].chunk(2, dim=1)
-            h = h * (1 + scale) + shift
+            h = torch.addcmul(shift, h, 1 + scale)  # h * (1 + scale) + shift in one pass
         if not (fuse_ops and cpu_fusion.applies(x)):
             return x + conv2(act(conv1(h)))
         if isinstance(act, nn.LeakyReLU):
@@ -113,7 +116,9 @@ class SelfAttention(nn.Module):
 
     def __init__(self, channels):
         super().__init__()
-        self.heads = channels // ATTENTION_HEAD_DIM if channels % ATTENTION_HEAD_DIM == 0 else 1
+        if channels % ATTENTION_HEAD_DIM:
+            raise ValueError(f"attention needs a multiple of {ATTENTION_HEAD_DIM} channels, got {channels}")
+        self.heads = channels // ATTENTION_HEAD_DIM
         self.norm = nn.GroupNorm(math.gcd(32, channels), channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
@@ -236,7 +241,7 @@ class UNet(nn.Module):
            commutes with the upsampling (one mixes channels, the other mixes pixels with weights
            that sum to 1): it runs at the low resolution, and fewer channels are upsampled;
         3. on a CPU in bf16 the blocks run their convolutions fused with LeakyReLU and the
-           residual add (lib/cpu_fusion.py).
+           residual add (lib/cpu_fusion.py; a SiLU runs on its own).
         tests/test_unet.py checks 1 and 2 (outputs and gradients against _forward_literal, fp64),
         tests/test_cpu_fusion.py checks 3; README's "Speed" says what each saves.
         """
@@ -304,6 +309,11 @@ def check_image_size(image_size, num_levels):
             f"image size {image_size} must be a positive multiple of {step} "
             f"(the network halves it {num_levels} times)"
         )
+
+
+# Every key a config may hold; lib/checkpoint.py refuses others (written by a newer version).
+CONFIG_KEYS = {"image_size", "widths", "embedding_dim", "block_depth", "prediction", "num_classes", "classes"}
+CONFIG_KEYS |= set(NETWORK_OPTIONS)
 
 
 def build_unet(cfg, literal=False):

@@ -87,3 +87,12 @@ def loss_curve(images, literal, precision, steps=200, batch=32, cfg=TINY):
         x0 = to_model_space(images[idx], FLOWERS_MEAN, FLOWERS_STD)
         losses.append(run.step(x0, noise_gen, 0.999).item())
     return torch.tensor(losses)
+
+
+def randomize_zeros(model):
+    """Give the zero-initialized tensors (modulations, attention output, output conv) random
+    values, so that what they feed is tested too."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.1)

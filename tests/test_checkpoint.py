@@ -38,7 +38,8 @@ def test_round_trip(tmp_path):
     loaded, ckpt = load_model(tmp_path / "m.pt")
     assert ckpt["config"] == TINY and ckpt["norm"] == {"mean": [0.5] * 3, "std": [0.25] * 3}
     assert ckpt["format"] == "flowers-ddim/1"  # the original's network: readable by older code
-    assert make_checkpoint(dict(TINY, activation="silu"), *[[0.5] * 3] * 2, {})["format"] == "flowers-ddim/2"
+    # a network option: /3, which the readers of /1 and /2 (that would build LeakyReLU) refuse
+    assert make_checkpoint(dict(TINY, activation="silu"), *[[0.5] * 3] * 2, {})["format"] == "flowers-ddim/3"
     assert ckpt["train"] == {"epoch": 3}
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
@@ -80,6 +81,15 @@ def test_bad_files_give_one_line_errors(tmp_path):
     torch.save({"format": "flowers-ddim/1", "config": TINY}, tmp_path / "partial.pt")
     with pytest.raises(UserError, match=r"incomplete checkpoint \(no norm, ema"):
         read_checkpoint(tmp_path / "partial.pt")
+    # what a newer version writes is refused by name, never built as some other network
+    torch.save({"format": "flowers-ddim/9"}, tmp_path / "newer.pt")
+    with pytest.raises(UserError, match="format flowers-ddim/9, newer than this version reads"):
+        read_checkpoint(tmp_path / "newer.pt")
+    newer = dict(make_checkpoint(TINY, [0.5] * 3, [0.25] * 3, build_unet(TINY).state_dict()))
+    newer["config"] = dict(TINY, norm_layer="group")
+    torch.save(newer, tmp_path / "newer.pt")
+    with pytest.raises(UserError, match=r"config keys this version does not know \(norm_layer\)"):
+        load_model(tmp_path / "newer.pt")
 
 
 def test_weights_that_do_not_fit_the_config(tmp_path):
@@ -168,7 +178,7 @@ def test_safetensors_export_is_plain_safetensors_with_the_config_in_its_metadata
     with safetensors.safe_open(tmp_path / "c.safetensors", "pt") as f:
         meta, keys = f.metadata(), set(f.keys())
     assert keys == set(model.state_dict())
-    assert meta["format"] == "flowers-ddim/2" and json.loads(meta["config"]) == cond
+    assert meta["format"] == "flowers-ddim/3" and json.loads(meta["config"]) == cond
     a, _ = load_model(tmp_path / "c.pt")
     b, ckpt = load_model(tmp_path / "c.safetensors")
     assert ckpt["config"]["classes"] == classes

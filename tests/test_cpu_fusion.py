@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import randomize_zeros
 from lib import cpu_fusion
 from lib.unet import build_unet, model_config
 
@@ -104,12 +105,15 @@ def test_other_kinds_of_convolution_are_refused():
             cpu_fusion.conv_leaky_relu(x, conv, 0.01)
 
 
-def test_fused_network_has_bf16_accuracy(monkeypatch):
+@pytest.mark.parametrize("preset", ["flowers64", "flowers64-v2"])
+def test_fused_network_has_bf16_accuracy(monkeypatch, preset):
     """The whole network in bf16 with and without the fused pairs, against fp32: the fused path's
     output and every parameter gradient are as close to fp32 as the unfused bf16 path's (bf16
-    rounding differs between the two, by design: the fused op rounds once instead of twice)."""
+    rounding differs between the two, by design: the fused op rounds once instead of twice);
+    also with the network options (SiLU unfused, adaptive norm, attention)."""
     torch.manual_seed(0)
-    model = build_unet(model_config("flowers64", image_size=32)).to(memory_format=torch.channels_last)
+    model = build_unet(model_config(preset, image_size=32)).to(memory_format=torch.channels_last)
+    randomize_zeros(model)
     x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     noise_var = torch.rand(4)
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from conftest import randomize_zeros
 from lib.unet import (
     PRESETS,
     SelfAttention,
@@ -62,23 +63,29 @@ def test_no_dead_adaptation_convs():
             assert block.channel_adaptation.in_channels != block.channel_adaptation.out_channels
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
-def test_fused_embedding_equals_literal_formulation(preset):
+@pytest.mark.parametrize("preset,classes", [(p, 0) for p in PRESETS] + [("flowers64-v2", 3)])
+def test_fused_embedding_equals_literal_formulation(preset, classes):
     """The folded in_conv + per-image embedding bias equals upsample + concat + 1x1 conv,
-    in the forward pass and in every gradient, in train mode (BatchNorm batch statistics)."""
+    in the forward pass and in every gradient, in train mode (BatchNorm batch statistics); with
+    the network options and classes too."""
     torch.manual_seed(0)
     cfg = model_config(preset, image_size=32 if preset == "sd128" else 64)
+    if classes:
+        cfg["num_classes"] = classes
     s = cfg["image_size"]
     fused = build_unet(cfg)
+    randomize_zeros(fused)
     literal = build_unet(cfg, literal=True)
     literal.load_state_dict(fused.state_dict())
     x, v = torch.randn(2, 3, s, s, dtype=torch.float64), torch.rand(2, dtype=torch.float64)
+    labels = [torch.tensor([0, classes])] if classes else []  # a class and "no class"
     fused.double(), literal.double()
-    out_f, out_l = fused(x, v), literal(x, v)
+    out_f, out_l = fused(x, v, *labels), literal(x, v, *labels)
     torch.testing.assert_close(out_f, out_l, rtol=1e-9, atol=1e-9)
     out_f.square().sum().backward()
     out_l.square().sum().backward()
     for (name, pf), pl in zip(fused.named_parameters(), literal.parameters(), strict=True):
+        assert pf.grad.abs().sum() > 0, name  # every part of the network is used
         torch.testing.assert_close(pf.grad, pl.grad, rtol=1e-7, atol=1e-9, msg=name)
 
 
@@ -91,34 +98,6 @@ def test_each_image_is_conditioned_on_its_own_noise_variance():
         a, b = model(x, torch.tensor([0.1, 0.9])), model(x, torch.tensor([0.1, 0.5]))
     torch.testing.assert_close(a[0], b[0])
     assert not torch.allclose(a[1], b[1])
-
-
-def randomize_zeros(model):
-    """Give the zero-initialized tensors (modulations, attention output, output conv) random
-    values, so that what they feed is tested too."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0, 0.1)
-
-
-def test_network_options_in_both_formulations():
-    """Adaptive norm, attention and SiLU, class-conditional: the fused path equals the literal
-    one, outputs and every gradient, in fp64 and train mode."""
-    torch.manual_seed(0)
-    cfg = dict(model_config("flowers64-v2", image_size=32), num_classes=3)
-    fused, literal = build_unet(cfg), build_unet(cfg, literal=True)
-    randomize_zeros(fused)
-    literal.load_state_dict(fused.state_dict())
-    fused.double(), literal.double()
-    x, v, labels = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.rand(2, dtype=torch.float64), [0, 3]
-    out_f, out_l = fused(x, v, torch.tensor(labels)), literal(x, v, torch.tensor(labels))
-    torch.testing.assert_close(out_f, out_l, rtol=1e-9, atol=1e-9)
-    out_f.square().sum().backward()
-    out_l.square().sum().backward()
-    for (name, pf), pl in zip(fused.named_parameters(), literal.parameters(), strict=True):
-        assert pf.grad.abs().sum() > 0, name  # every part of the network is used
-        torch.testing.assert_close(pf.grad, pl.grad, rtol=1e-7, atol=1e-9, msg=name)
 
 
 def test_new_blocks_start_as_the_identity_and_zero_init_predicts_zero():
