@@ -43,6 +43,7 @@ RECIPES = {
         lr_schedule="plateau",
         ema_decay=0.999,
         ema_warmup=False,
+        ema_power=0.0,
         loss="l1",
         min_snr_gamma=0.0,
         prediction="eps",
@@ -58,6 +59,7 @@ RECIPES = {
         lr_schedule="wsd",
         ema_decay=0.995,
         ema_warmup=True,
+        ema_power=0.0,
         loss="l2",
         min_snr_gamma=5.0,
         prediction="eps",
@@ -195,6 +197,11 @@ def add_recipe_args(p):
         "--ema-warmup",
         action=argparse.BooleanOptionalAction,
         help=recipe_help("ema_warmup", "decay min(ema-decay, (1+n)/(10+n)) at step n"),
+    )
+    p.add_argument(
+        "--ema-power",
+        type=float,
+        help=recipe_help("ema_power", "EDM2's power EMA with this exponent instead of the two above; 0: off"),
     )
     p.add_argument("--loss", choices=["l1", "l2"], help=recipe_help("loss", "error of the prediction"))
     p.add_argument(
@@ -346,7 +353,7 @@ def check_args(args, ctx, device):
     need = MIN_EVALUATIONS[args.sampler]
     if min(args.sample_steps, args.eval_steps) < need:
         raise UserError(f"--sample-steps and --eval-steps must be >= {need} for --sampler {args.sampler}")
-    check_at_least(args, weight_decay=0.0, warmup_steps=0, lr_decay_steps=1, min_snr_gamma=0.0)
+    check_at_least(args, weight_decay=0.0, warmup_steps=0, lr_decay_steps=1, min_snr_gamma=0.0, ema_power=0.0)
     if not args.lr > 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
     if not 0.0 < args.lr_cooldown <= 1.0:

@@ -286,7 +286,7 @@ class TrainingRun:
             images, labels = batch if self.cfg.get("num_classes") else (batch, None)
             self.set_lr((spent + time.perf_counter() - t0) / budget)
             x0 = to_model_space(images, self.mean, self.std, self.gen if args.flip else None)
-            decay = ema_decay_at(state["global_step"], args.ema_decay, args.ema_warmup)
+            decay = ema_decay_at(state["global_step"], args.ema_decay, args.ema_warmup, args.ema_power)
             add_loss(acc, self.training.step(x0, self.gen, decay, labels, args.label_dropout))
             state["global_step"] += 1
             state["epoch_steps"] += 1

@@ -20,12 +20,19 @@ def ema_update(ema_params, params, ema_buffers, buffers, decay):
     torch._foreach_copy_(ema_buffers, buffers)
 
 
-def ema_decay_at(step, decay, warmup=False):
+def ema_decay_at(step, decay, warmup=False, power=0.0):
     """The EMA's decay at optimisation step `step` (0-based). The original copies the weights at the
     first update, then averages with `decay`, so for ~1/(1 - decay) steps the average still holds
     the random initial weights. With warmup the decay grows as min(decay, (1 + n) / (10 + n)) (the
     num_updates rule of TensorFlow's ExponentialMovingAverage): an average over about the last
-    tenth of the steps so far, until it reaches `decay`."""
+    tenth of the steps so far, until it reaches `decay`.
+
+    power > 0 replaces both by EDM2's power-function EMA (Karras et al. 2024, eq. 3): decay
+    (1 - 1/t)^(power + 1) at update t = step + 1, which weighs update k by
+    (k^(power+1) - (k-1)^(power+1)) / t^(power+1), about k^power: an average whose width stays
+    a fixed share of the run however long it trains (power 6.94: sigma_rel 0.10)."""
+    if power > 0:
+        return (step / (step + 1)) ** (power + 1)
     if warmup:
         return min(decay, (1 + step) / (10 + step))
     return decay if step else 0.0

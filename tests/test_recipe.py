@@ -100,6 +100,21 @@ def test_ema_warmup_decay():
     assert ema_decay_at(100_000, 0.999, warmup=True) == 0.999  # capped at the decay
 
 
+@pytest.mark.parametrize("power", [1.0, 6.94])
+def test_power_ema_weighs_update_k_by_its_closed_form(power):
+    """EDM2's power EMA over t updates of weights theta_1..theta_t equals the sum of theta_k times
+    (k^(p+1) - (k-1)^(p+1)) / t^(p+1): the first update copies, the weights sum to 1."""
+    torch.manual_seed(0)
+    thetas = torch.randn(50, 3, dtype=torch.float64)
+    ema = [torch.zeros(3, dtype=torch.float64)]
+    for step, theta in enumerate(thetas):
+        ema_update(ema, [theta], [torch.zeros(1)], [torch.zeros(1)], ema_decay_at(step, 0.999, True, power))
+    k = torch.arange(1, 51, dtype=torch.float64)
+    weights = (k ** (power + 1) - (k - 1) ** (power + 1)) / 50 ** (power + 1)
+    torch.testing.assert_close(ema[0], (weights[:, None] * thetas).sum(0))
+    assert ema_decay_at(0, 0.999, power=power) == 0.0
+
+
 def test_lr_schedules():
     assert [lr_factor("constant", n, warmup_steps=4) for n in (0, 1, 3, 100)] == [0.25, 0.5, 1.0, 1.0]
     assert lr_factor("rsqrt", 100, decay_steps=400) == 1.0  # before the decay starts
@@ -196,6 +211,7 @@ def exit_status(argv):
         (["--recipe", "fastest"], "invalid choice: 'fastest'"),
         (["--warmup-steps", "-5"], "--warmup-steps must be >= 0"),
         (["--min-snr-gamma", "-1"], "--min-snr-gamma must be >= 0"),
+        (["--ema-power", "-1"], "--ema-power must be >= 0"),
     ],
 )
 def test_bad_recipe_values_are_one_line(data_root, tmp_path, capsys, flags, message):
