@@ -1,6 +1,7 @@
 """Models side by side from the same seeds, one row each.
 
-    python docs/make_comparison.py models/flowers64.pt models/flowers64-cond.pt --out comparison.png
+    python docs/make_comparison.py models/flowers64-original-recipe.pt models/flowers64-cond.pt \
+        --out comparison.png
 
 Each row is what `python sd_inference.py --checkpoint MODEL` paints (a class-conditional model:
 the classes that command draws from the seed, at the default guidance). Models of one image size

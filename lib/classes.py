@@ -9,7 +9,7 @@ from lib.cli import UserError
 
 # The classifier-free guidance scale that sd_inference, sd_eval and the training-time grids and
 # KID probe use for a class-conditional model unless told otherwise: README's guidance sweep.
-GUIDANCE = 5.0
+GUIDANCE = 2.0
 
 
 def folder_labels(root, paths):

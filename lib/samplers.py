@@ -19,7 +19,7 @@ from lib.cli import UserError
 from lib.diffusion import MAX_SIGNAL_RATE, MIN_SIGNAL_RATE, ddim_sample, denoise, diffusion_schedule
 
 SPACINGS = ("uniform-t", "lambda", "edm")
-DEFAULT_SPACING = "uniform-t"  # measured against the others: README, Samplers
+DEFAULT_SPACING = "lambda"  # measured against the others: README, Samplers
 
 
 def sigma_of_t(t):
@@ -64,7 +64,7 @@ def _denoise_at(model, x_t, t, on_step):
     return eps, x0
 
 
-def heun_sample(model, noise, steps=20, t_start=1.0, on_step=None, spacing="uniform-t"):
+def heun_sample(model, noise, steps=20, t_start=1.0, on_step=None, spacing=DEFAULT_SPACING):
     """Heun's method, Karras et al. 2022, Algorithm 1 (deterministic, no churn), in y and sigma.
 
     noise: the state x_t at t_start. Each step between grid points costs two evaluations (an
@@ -91,7 +91,7 @@ def heun_sample(model, noise, steps=20, t_start=1.0, on_step=None, spacing="unif
     return _denoise_at(model, signal_rates[-1] * y, ts[-1], on_step)[1]
 
 
-def dpmpp_2m_sample(model, noise, steps=20, t_start=1.0, on_step=None, spacing="uniform-t"):
+def dpmpp_2m_sample(model, noise, steps=20, t_start=1.0, on_step=None, spacing=DEFAULT_SPACING):
     """DPM-Solver++(2M), Lu et al. 2022 (arXiv:2211.01095), Algorithm 2: data prediction,
     multistep, steps in lambda. With alpha = signal_rate, sigma = noise_rate, h_i = lambda_i -
     lambda_(i-1):

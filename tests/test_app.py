@@ -21,8 +21,9 @@ from lib.checkpoint import make_checkpoint
 from lib.files import atomic_save
 from lib.unet import build_unet
 from sd_app import MAX_REQUEST, Painter, create_app, serve
+from sd_inference import checkpoint_path
 
-SHIPPED = ROOT / "models" / "flowers64.pt"
+UNCONDITIONAL = ROOT / "models" / "flowers64-original-recipe.pt"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
@@ -44,7 +45,7 @@ def decode(url):
 
 @pytest.fixture(scope="module")
 def painter():
-    return Painter(SHIPPED)
+    return Painter(UNCONDITIONAL)
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +132,9 @@ def test_a_conditional_model_paints_the_class_asked_for(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server(painter):
-    srv = serve(painter, "127.0.0.1", 0)
+def server():
+    """The page as `python sd_app.py` serves it: the default, class-conditional model."""
+    srv = serve(Painter(checkpoint_path(None)), "127.0.0.1", 0)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield srv
@@ -175,6 +177,7 @@ def test_drawing_in_a_real_browser(server):
         page.goto(f"http://127.0.0.1:{server.server_port}/")
         page.wait_for_function("document.getElementById('status').textContent.startsWith('model:')")
         page.fill("#num-images", "3")
+        page.select_option("#class", label="sunflower")
         page.click("button[data-size='28']")
         box = page.locator("#canvas").bounding_box()
 

@@ -10,8 +10,8 @@ from conftest import ROOT
 
 
 def test_notebook_executes(tmp_path):
-    if not (ROOT / "models" / "flowers64.pt").is_file():
-        pytest.skip("the shipped model models/flowers64.pt is absent")
+    if not (ROOT / "models" / "flowers64-original-recipe.pt").is_file():
+        pytest.skip("the shipped model models/flowers64-original-recipe.pt is absent")
     nb = nbformat.read(ROOT / "notebook.ipynb", as_version=4)
     # Raises CellExecutionError, with the failing cell and its traceback, on the first error.
     NotebookClient(
