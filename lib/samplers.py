@@ -33,7 +33,7 @@ def t_of_sigma(sigma):
     return (torch.atan(torch.as_tensor(sigma, dtype=torch.float64)) - start) / (end - start)
 
 
-def time_grid(t_start, points, spacing="uniform-t", rho=7.0):
+def time_grid(t_start, points, spacing=DEFAULT_SPACING, rho=7.0):
     """`points` times from t_start down to 0 (float64). uniform-t: even steps in t, as DDIM takes;
     lambda: even steps in log sigma (DPM-Solver's choice); edm: sigma^(1/rho) even (Karras et
     al. 2022, eq. 5, rho = 7), short steps where the image is nearly clean."""
