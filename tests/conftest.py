@@ -11,6 +11,8 @@ from lib.normalization import FLOWERS_MEAN, FLOWERS_STD, to_model_space
 from lib.training import Training
 
 ROOT = Path(__file__).resolve().parents[1]
+# The shipped unconditional model (the original's recipe): the notebook's, and the tests' real one.
+ORIGINAL_RECIPE = ROOT / "models" / "flowers64-original-recipe.pt"
 DATA_ROOT = Path(os.environ.get("FLOWERS_ROOT", ROOT.parent / "shared" / "data"))
 # A network small enough to train for a few hundred steps inside a test (32x32, 2 levels).
 TINY = dict(image_size=32, widths=[16, 32, 64], embedding_dim=16, block_depth=1)

@@ -16,14 +16,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from conftest import ROOT, TINY
+from conftest import ORIGINAL_RECIPE, ROOT, TINY
 from lib.checkpoint import make_checkpoint
 from lib.files import atomic_save
 from lib.unet import build_unet
 from sd_app import MAX_REQUEST, Painter, create_app, serve
 from sd_inference import checkpoint_path
 
-UNCONDITIONAL = ROOT / "models" / "flowers64-original-recipe.pt"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
@@ -45,7 +44,7 @@ def decode(url):
 
 @pytest.fixture(scope="module")
 def painter():
-    return Painter(UNCONDITIONAL)
+    return Painter(ORIGINAL_RECIPE)
 
 
 @pytest.fixture(scope="module")

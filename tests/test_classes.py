@@ -10,7 +10,7 @@ from PIL import Image
 import sd_eval
 import sd_inference
 import sd_train
-from conftest import ROOT, TINY, run_args
+from conftest import ORIGINAL_RECIPE, TINY, run_args
 from lib import training
 from lib.checkpoint import FORMAT_2, load_model, make_checkpoint
 from lib.classes import GUIDANCE, classes_across, classes_like, drawn_classes, parse_classes, spread
@@ -164,7 +164,7 @@ def test_inference_paints_named_classes_and_refuses_them_without_a_conditional_m
     assert "  2  blue" in capsys.readouterr().out
     assert sd_inference.main([*common, "--class", "bleu"]) == 2
     assert "did you mean 'blue'" in capsys.readouterr().err
-    unconditional = ["--checkpoint", str(ROOT / "models" / "flowers64-original-recipe.pt"), "--no-show"]
+    unconditional = ["--checkpoint", str(ORIGINAL_RECIPE), "--no-show"]
     assert sd_inference.main([*unconditional, "--class", "sunflower"]) == 2
     assert "--class needs a class-conditional model" in capsys.readouterr().err
     assert sd_inference.main([*unconditional, "--guidance", "2"]) == 2

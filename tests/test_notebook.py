@@ -6,12 +6,12 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from conftest import ROOT
+from conftest import ORIGINAL_RECIPE, ROOT
 
 
 def test_notebook_executes(tmp_path):
-    if not (ROOT / "models" / "flowers64-original-recipe.pt").is_file():
-        pytest.skip("the shipped model models/flowers64-original-recipe.pt is absent")
+    if not ORIGINAL_RECIPE.is_file():
+        pytest.skip(f"the notebook's model {ORIGINAL_RECIPE} is absent")
     nb = nbformat.read(ROOT / "notebook.ipynb", as_version=4)
     # Raises CellExecutionError, with the failing cell and its traceback, on the first error.
     NotebookClient(
