@@ -3,6 +3,7 @@
 python docs/make_drawing.py
 """
 
+import argparse
 import math
 from pathlib import Path
 
@@ -31,6 +32,11 @@ def draw_flower(size=256):
 
 
 if __name__ == "__main__":
-    out = Path(__file__).resolve().parent / "drawing.png"
-    draw_flower().save(out)
-    print(f"wrote {out}")
+    p = argparse.ArgumentParser(description="Draw a flat-colour flower, the sketch-to-image example input.")
+    p.add_argument("--size", type=int, default=256, help="width and height in pixels")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "drawing.png"))
+    args = p.parse_args()
+    if args.size < 16:
+        p.error(f"--size must be at least 16, got {args.size}")
+    draw_flower(args.size).save(args.out)
+    print(f"wrote {args.out}")

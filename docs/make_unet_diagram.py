@@ -4,6 +4,7 @@ python docs/make_unet_diagram.py            # flowers64
 python docs/make_unet_diagram.py sd128
 """
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import matplotlib.pyplot as plt
 from matplotlib.patches import FancyBboxPatch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lib.unet import build_unet, count_parameters, model_config
+from lib.unet import PRESETS, build_unet, count_parameters, model_config
 
 
 def box(ax, x, y, text, color):
@@ -82,7 +83,9 @@ def draw_unet(preset="flowers64"):
 
 
 if __name__ == "__main__":
-    preset = sys.argv[1] if len(sys.argv) > 1 else "flowers64"
-    out = Path(__file__).resolve().parent / "unet.png"
-    draw_unet(preset).savefig(out, dpi=110)
-    print(f"wrote {out}")
+    p = argparse.ArgumentParser(description="Draw a preset's U-Net, read from the network itself.")
+    p.add_argument("preset", nargs="?", default="flowers64", choices=sorted(PRESETS))
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "unet.png"))
+    args = p.parse_args()
+    draw_unet(args.preset).savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
