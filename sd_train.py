@@ -155,6 +155,13 @@ def add_data_args(p):
         choices=["original", "data"],
         help=recipe_help("norm_stats", "normalize with the original's per-channel statistics or the data's"),
     )
+    p.add_argument(
+        "--input-scale",
+        type=float,
+        default=1.0,
+        help="multiply the normalized images by this (Chen 2023): below 1 the same noise level hides "
+        "more, as larger images need; 0.5 for twice the side (Hoogeboom et al. 2023); kept as std / scale",
+    )
     p.add_argument("--num-workers", type=int, default=4, help="processes that decode the images")
     p.add_argument("--cache-dir", default=None, help="keep the decoded images in a file here for later runs")
 
@@ -302,6 +309,7 @@ def check_resumable(path, ckpt, explicit, merged):
         recipe=saved.get("recipe", "original"),
         prediction=ckpt["config"].get("prediction", "eps"),
         class_cond="num_classes" in ckpt["config"],
+        input_scale=saved.get("input_scale", 1.0),
         **{k: ckpt["config"].get(k, v) for k, v in NETWORK_OPTIONS.items()},
     )
     for name, used in fixed.items():
@@ -356,6 +364,8 @@ def check_args(args, ctx, device):
     check_at_least(args, weight_decay=0.0, warmup_steps=0, lr_decay_steps=1, min_snr_gamma=0.0, ema_power=0.0)
     if not args.lr > 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
+    if not args.input_scale > 0:
+        raise UserError(f"--input-scale must be > 0, got {args.input_scale}")
     if not 0.0 < args.lr_cooldown <= 1.0:
         raise UserError(f"--lr-cooldown must be in (0, 1], got {args.lr_cooldown}")
     if args.max_minutes is not None and not args.max_minutes > 0:

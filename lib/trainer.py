@@ -95,7 +95,7 @@ class TrainingRun:
         )
         self.time_up = False
         kid_here = args.eval_every > 0 and ctx.is_main
-        images, labels = self.load_data(resumed or init, keep_images=kid_here)
+        images, labels = self.load_data(resumed or init, kid_here, 1.0 if resumed else args.input_scale)
         self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.training.opt,
             mode="min",
@@ -135,10 +135,11 @@ class TrainingRun:
                 labels,
             )
 
-    def load_data(self, saved, keep_images):
+    def load_data(self, saved, keep_images, input_scale=1.0):
         """Set the batch source and the normalization -> the decoded images (or None) and, for a
         class-conditional model, their labels (else None). `saved`: the checkpoint resumed or
         started from (--init-from), whose normalization its weights were trained in and keep.
+        `input_scale`: a new run's --input-scale (1 for a resumed one, whose std has it already).
 
         The fast path trains on the images decoded once; the literal path decodes every epoch and
         needs them whole only for their statistics (--image-dir, --norm-stats data) or the KID
@@ -173,6 +174,8 @@ class TrainingRun:
             self.mean, self.std = compute_stats(images)
         else:
             self.mean, self.std = FLOWERS_MEAN, FLOWERS_STD
+        # --input-scale b: x0 -> b x0 shifts log-SNR by 2 log b at every t (Chen 2023), kept as std / b
+        self.std = [s / input_scale for s in self.std]
         self.n_images = len(self.data)
         self.steps_per_epoch = steps = len(
             distributed.shard(torch.arange(self.n_images), args.batch_size, ctx)

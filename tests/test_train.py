@@ -16,7 +16,7 @@ import sd_train
 from conftest import ROOT, TINY, StopAfter, loss_curve, run_args
 from lib.checkpoint import make_checkpoint
 from lib.data import _ignore_stop_signals, load_images, start_workers
-from lib.normalization import FLOWERS_MEAN
+from lib.normalization import FLOWERS_MEAN, to_model_space
 from lib.run_folder import lock_run_folder
 from lib.runtime import pick_precision
 from lib.unet import build_unet
@@ -272,6 +272,29 @@ def test_init_from_starts_a_new_run_at_a_checkpoints_ema_weights(data_root, tmp_
     assert not (tmp_path / "x").exists()
 
 
+def test_input_scale_is_kept_as_a_larger_std(data_root, tmp_path, capsys):
+    src = tmp_path / "src"
+    assert sd_train.main(run_args(data_root, src, "--epochs", "1")) == 0
+    norm = torch.load(src / "last.pt", weights_only=True)["norm"]
+    # fine-tuned at twice the side with the schedule shifted by 2 log(1/2) (Hoogeboom et al. 2023)
+    run = tmp_path / "run"
+    new = run_args(data_root, run, "--init-from", str(src / "last.pt"), "--image-size", "64")
+    assert sd_train.main([*new, "--epochs", "1", "--input-scale", "0.5"]) == 0
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["norm"]["mean"] == norm["mean"]
+    assert ckpt["norm"]["std"] == pytest.approx([2 * s for s in norm["std"]])
+    # which is the image scaled by 1/2 in the model's space, so every sampler and loader runs as is
+    pixels = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    scaled = to_model_space(pixels, ckpt["norm"]["mean"], ckpt["norm"]["std"])
+    assert torch.allclose(scaled, 0.5 * to_model_space(pixels, norm["mean"], norm["std"]), atol=1e-6)
+    # a resumed run keeps its std (not scaled again); the scale cannot change on resume
+    assert sd_train.main(["--resume", str(run / "last.pt"), "--epochs", "2"]) == 0
+    assert torch.load(run / "last.pt", weights_only=True)["norm"] == ckpt["norm"]
+    capsys.readouterr()
+    assert sd_train.main(["--resume", str(run / "last.pt"), "--epochs", "3", "--input-scale", "1"]) == 2
+    assert "--input-scale cannot change on --resume (the run used 0.5)" in capsys.readouterr().err
+
+
 def test_resume_switching_loss_scaling_on(data_root, tmp_path):
     # a bf16/fp32 run saves an empty GradScaler state; the literal path (or fp16) scales the loss
     assert sd_train.main(run_args(data_root, tmp_path, "--epochs", "1", "--limit", "32")) == 0
@@ -352,6 +375,7 @@ def test_bad_inputs_exit_2_with_one_line(data_root, tmp_path, capsys):
         (run_args(data_root, tmp_path, "--epochs", "0"), "--epochs must be >= 1"),
         (run_args(data_root, tmp_path, "--ema-decay", "5"), "--ema-decay must be in [0, 1)"),
         (run_args(data_root, tmp_path, "--lr", "-1"), "--lr must be > 0"),
+        (run_args(data_root, tmp_path, "--input-scale", "0"), "--input-scale must be > 0"),
         (
             run_args(data_root, tmp_path, "--sampler", "heun", "--eval-steps", "2"),
             "must be >= 3 for --sampler heun",
