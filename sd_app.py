@@ -199,7 +199,7 @@ def create_app(painter):
 
 def get_parser():
     p = ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", default=None, help="default: the shipped model, models/flowers64-cond.pt")
+    p.add_argument("--checkpoint", default=None, help="default: models/flowers64-v2-cond.pt")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines too")
     p.add_argument("--port", type=int, default=7860, help="0 picks a free one")
     add_device_args(p, "for sampling")

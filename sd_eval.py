@@ -1,7 +1,7 @@
 """Score sample quality: KID and FID of generated flowers against the real Flowers102 images.
 
-    python sd_eval.py --checkpoint models/flowers64-cond.pt --num-samples 1000 --data-root data
-    python sd_eval.py --checkpoint models/flowers64-cond.pt --floor   # and what real images score
+    python sd_eval.py --checkpoint models/flowers64-v2-cond.pt --num-samples 1000 --data-root data
+    python sd_eval.py --checkpoint models/flowers64-v2-cond.pt --floor   # and what real images score
     python sd_eval.py --samples-dir my_samples/ --image-size 64       # score a folder of images
     python sd_eval.py --checkpoint cond.pt --class-fidelity           # a class-conditional model
 

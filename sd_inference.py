@@ -1,6 +1,6 @@
 """Paint flowers with a trained model: a 2x4 figure of eight samples, saved and (with a display) shown.
 
-    python sd_inference.py                                   # the shipped model, models/flowers64-cond.pt
+    python sd_inference.py                                   # the shipped model, models/flowers64-v2-cond.pt
     python sd_inference.py --checkpoint output_sd/best.pt --num-images 16 --seed 3 --save-dir samples/
     python sd_inference.py --init-image docs/drawing.png --strength 0.6    # sketch to image (SDEdit)
     python sd_inference.py --interpolate                     # from one noise to another, 8 frames
@@ -25,7 +25,7 @@ from lib.runtime import add_device_args, setup
 from lib.sample import generate, initial_noise, interpolation_noise, sketch_per_seed
 from lib.samplers import add_sampler_args, check_sampler_args
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "models" / "flowers64-cond.pt"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "models" / "flowers64-v2-cond.pt"
 MAX_PANELS = 32  # a screenful: a figure of more pictures is too large to open or read
 NON_INTERACTIVE = {"agg", "pdf", "ps", "svg", "pgf", "cairo", "template"}
 
@@ -35,7 +35,7 @@ def get_parser():
     p.add_argument(
         "--checkpoint",
         default=None,
-        help="a checkpoint of this repo or of the original (default: models/flowers64-cond.pt)",
+        help="a checkpoint of this repo or of the original (default: models/flowers64-v2-cond.pt)",
     )
     p.add_argument(
         "--num-images",

@@ -2,7 +2,7 @@
 scales, from the same noise and with the real images' classes (a seeded draw), scored for quality
 (KID, FID [efficientnet-lite0]) and class fidelity (top-1, top-5 of sd_eval.py's linear probe).
 
-    python benchmarks/guidance.py --checkpoint models/flowers64-cond.pt --data-root ../shared/data \
+    python benchmarks/guidance.py --checkpoint models/flowers64-v2-cond.pt --data-root ../shared/data \
         --scales 0 1 1.5 2 3 5
 
 Scale 0 is the model without a class (its unconditional samples), 1 the plain conditional model.
@@ -78,7 +78,7 @@ def run(args):
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", default="models/flowers64-cond.pt", help="a class-conditional model")
+    p.add_argument("--checkpoint", default="models/flowers64-v2-cond.pt", help="a class-conditional model")
     p.add_argument("--data-root", default="data", help="folder that holds flowers-102/")
     p.add_argument("--scales", nargs="+", type=float, default=[0, 1, 1.5, 2, 3, 5], help="guidance scales")
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="the sampler")

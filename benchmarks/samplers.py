@@ -1,7 +1,7 @@
 """Quality against network evaluations: every sampler at every evaluation count, one model, the
 same noise, one table (KID and FID [efficientnet-lite0], seconds of sampling on this machine).
 
-    python benchmarks/samplers.py --checkpoint models/flowers64-cond.pt --data-root ../shared/data \
+    python benchmarks/samplers.py --checkpoint models/flowers64-v2-cond.pt --data-root ../shared/data \
         --samplers ddim dpm++2m heun --evaluations 5 10 20 50
 
 Prints a Markdown table for README (Samplers). --spacing compares the time grids of the
@@ -82,7 +82,7 @@ def run(args):
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", default="models/flowers64-cond.pt", help="the model to sample")
+    p.add_argument("--checkpoint", default="models/flowers64-v2-cond.pt", help="the model to sample")
     p.add_argument("--data-root", default="data", help="folder that holds flowers-102/")
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), help="which samplers")
     p.add_argument("--evaluations", nargs="+", type=int, default=[5, 10, 20, 50], help="network evaluations")

@@ -1,6 +1,6 @@
 """Models side by side from the same seeds, one row each.
 
-    python docs/make_comparison.py models/flowers64-original-recipe.pt models/flowers64-cond.pt \
+    python docs/make_comparison.py models/flowers64-original-recipe.pt models/flowers64-v2-cond.pt \
         --out comparison.png
 
 Each row is what `python sd_inference.py --checkpoint MODEL` paints (a class-conditional model:
