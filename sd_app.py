@@ -32,7 +32,7 @@ from lib.metrics import to_uint8
 from lib.runtime import add_device_args, setup
 from lib.sample import generate, initial_noise, sketch_per_seed
 from lib.samplers import MIN_EVALUATIONS, SAMPLERS
-from sd_inference import checkpoint_path
+from sd_inference import DEFAULT_CHECKPOINT, checkpoint_path
 
 PAGE = Path(__file__).resolve().parent / "web"
 MAX_REQUEST = 4 * 2**20  # bytes; a drawing as a PNG data URL is tens of KB
@@ -199,7 +199,7 @@ def create_app(painter):
 
 def get_parser():
     p = ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", default=None, help="default: models/flowers64-v2-cond.pt")
+    p.add_argument("--checkpoint", default=None, help=f"default: models/{DEFAULT_CHECKPOINT.name}")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines too")
     p.add_argument("--port", type=int, default=7860, help="0 picks a free one")
     add_device_args(p, "for sampling")

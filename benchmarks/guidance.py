@@ -2,7 +2,7 @@
 scales, from the same noise and with the real images' classes (a seeded draw), scored for quality
 (KID, FID [efficientnet-lite0]) and class fidelity (top-1, top-5 of sd_eval.py's linear probe).
 
-    python benchmarks/guidance.py --checkpoint models/flowers64-v2-cond.pt --data-root ../shared/data \
+    python benchmarks/guidance.py --data-root ../shared/data \
         --scales 0 1 1.5 2 3 5
 
 Scale 0 is the model without a class (its unconditional samples), 1 the plain conditional model.
@@ -31,11 +31,13 @@ from lib.runtime import add_device_args, setup
 from lib.sample import generate, initial_noise
 from lib.samplers import SAMPLERS
 from sd_eval import real_classes
+from sd_inference import DEFAULT_CHECKPOINT, checkpoint_path
 
 
 def run(args):
     check_at_least(args, num_samples=2, batch_size=1, steps=1)
     device, precision = setup(args.device, args.precision)
+    args.checkpoint = checkpoint_path(args.checkpoint)
     model, ckpt = load_model(args.checkpoint, device)
     cfg = ckpt["config"]
     if not cfg.get("num_classes"):
@@ -78,7 +80,11 @@ def run(args):
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", default="models/flowers64-v2-cond.pt", help="a class-conditional model")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help=f"a class-conditional model; default: models/{DEFAULT_CHECKPOINT.name}",
+    )
     p.add_argument("--data-root", default="data", help="folder that holds flowers-102/")
     p.add_argument("--scales", nargs="+", type=float, default=[0, 1, 1.5, 2, 3, 5], help="guidance scales")
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="the sampler")

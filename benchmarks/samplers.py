@@ -1,7 +1,7 @@
 """Quality against network evaluations: every sampler at every evaluation count, one model, the
 same noise, one table (KID and FID [efficientnet-lite0], seconds of sampling on this machine).
 
-    python benchmarks/samplers.py --checkpoint models/flowers64-v2-cond.pt --data-root ../shared/data \
+    python benchmarks/samplers.py --data-root ../shared/data \
         --samplers ddim dpm++2m heun --evaluations 5 10 20 50
 
 Prints a Markdown table for README (Samplers). --spacing compares the time grids of the
@@ -24,6 +24,7 @@ from lib.runtime import add_device_args, setup
 from lib.sample import generate, initial_noise
 from lib.samplers import DEFAULT_SPACING, MIN_EVALUATIONS, SAMPLERS, SPACINGS
 from sd_eval import real_classes
+from sd_inference import DEFAULT_CHECKPOINT, checkpoint_path
 
 
 def score(model, ckpt, sampler, evaluations, real_features, extractor, args, precision, device, labels):
@@ -59,6 +60,7 @@ def run(args):
         if min(args.evaluations) < MIN_EVALUATIONS[s]:
             raise UserError(f"{s} needs at least {MIN_EVALUATIONS[s]} evaluations")
     device, precision = setup(args.device, args.precision)
+    args.checkpoint = checkpoint_path(args.checkpoint)
     model, ckpt = load_model(args.checkpoint, device)
     size = ckpt["config"]["image_size"]
     real = load_images(size, args.data_root, num_workers=2, cache_dir=args.cache_dir)
@@ -82,7 +84,9 @@ def run(args):
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", default="models/flowers64-v2-cond.pt", help="the model to sample")
+    p.add_argument(
+        "--checkpoint", default=None, help=f"the model to sample; default: models/{DEFAULT_CHECKPOINT.name}"
+    )
     p.add_argument("--data-root", default="data", help="folder that holds flowers-102/")
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), help="which samplers")
     p.add_argument("--evaluations", nargs="+", type=int, default=[5, 10, 20, 50], help="network evaluations")
