@@ -1,6 +1,6 @@
 """Paint flowers with a trained model: a 2x4 figure of eight samples, saved and (with a display) shown.
 
-    python sd_inference.py                                   # the shipped model, models/flowers64-v2-cond.pt
+    python sd_inference.py                                   # the shipped model (DEFAULT_CHECKPOINT)
     python sd_inference.py --checkpoint output_sd/best.pt --num-images 16 --seed 3 --save-dir samples/
     python sd_inference.py --init-image docs/drawing.png --strength 0.6    # sketch to image (SDEdit)
     python sd_inference.py --interpolate                     # from one noise to another, 8 frames
@@ -35,7 +35,7 @@ def get_parser():
     p.add_argument(
         "--checkpoint",
         default=None,
-        help="a checkpoint of this repo or of the original (default: models/flowers64-v2-cond.pt)",
+        help=f"a checkpoint of this repo or of the original (default: models/{DEFAULT_CHECKPOINT.name})",
     )
     p.add_argument(
         "--num-images",
@@ -150,7 +150,8 @@ def checkpoint_path(arg):
     if not DEFAULT_CHECKPOINT.is_file():
         raise UserError(
             f"the shipped model {DEFAULT_CHECKPOINT} is not there yet; train one with "
-            "`python sd_train.py --preset flowers64 --data-root <folder with flowers-102/>` "
+            "`python sd_train.py --preset flowers64-v2 --recipe improved --class-cond "
+            "--data-root <folder with flowers-102/>` "
             "and pass --checkpoint output_sd/best.pt"
         )
     return DEFAULT_CHECKPOINT

@@ -10,6 +10,7 @@ and exit (status 130 / 143: stopped, not finished); --resume continues exactly w
 """
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -364,8 +365,8 @@ def check_args(args, ctx, device):
     check_at_least(args, weight_decay=0.0, warmup_steps=0, lr_decay_steps=1, min_snr_gamma=0.0, ema_power=0.0)
     if not args.lr > 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
-    if not args.input_scale > 0:
-        raise UserError(f"--input-scale must be > 0, got {args.input_scale}")
+    if not (math.isfinite(args.input_scale) and args.input_scale > 0):
+        raise UserError(f"--input-scale must be a finite number > 0, got {args.input_scale}")
     if not 0.0 < args.lr_cooldown <= 1.0:
         raise UserError(f"--lr-cooldown must be in (0, 1], got {args.lr_cooldown}")
     if args.max_minutes is not None and not args.max_minutes > 0:

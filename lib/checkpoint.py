@@ -8,6 +8,7 @@ Layout (a plain dict, so `torch.load(weights_only=True)` reads it and a crafted 
             "num_classes" and "classes" for a class-conditional network; lib/unet.py's
             NETWORK_OPTIONS where the network departs from the original's
     norm    {"mean": [3 floats], "std": [3 floats]}: the data normalization the model was trained in
+            (std divided by sd_train.py --input-scale)
     ema     state dict of the EMA weights (what is sampled)
     train   (best.pt / last.pt only) everything sd_train.py --resume needs
 

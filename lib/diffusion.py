@@ -2,7 +2,8 @@
 
 Everything here takes the network as a plain callable `model(x_t, noise_var) -> eps_hat`, so the
 network never sees the schedule (as in DiT) and any noise predictor, an oracle included, plugs in.
-Images are in the normalized space (per-channel mean 0, std 1); lib/data.py maps to and from it.
+Images are in the normalized space (per-channel mean 0, std 1, or b with sd_train.py --input-scale b);
+lib/normalization.py maps to and from it.
 """
 
 import math

@@ -135,7 +135,7 @@ class TrainingRun:
                 labels,
             )
 
-    def load_data(self, saved, keep_images, input_scale=1.0):
+    def load_data(self, saved, keep_images, input_scale):
         """Set the batch source and the normalization -> the decoded images (or None) and, for a
         class-conditional model, their labels (else None). `saved`: the checkpoint resumed or
         started from (--init-from), whose normalization its weights were trained in and keep.

@@ -375,7 +375,8 @@ def test_bad_inputs_exit_2_with_one_line(data_root, tmp_path, capsys):
         (run_args(data_root, tmp_path, "--epochs", "0"), "--epochs must be >= 1"),
         (run_args(data_root, tmp_path, "--ema-decay", "5"), "--ema-decay must be in [0, 1)"),
         (run_args(data_root, tmp_path, "--lr", "-1"), "--lr must be > 0"),
-        (run_args(data_root, tmp_path, "--input-scale", "0"), "--input-scale must be > 0"),
+        (run_args(data_root, tmp_path, "--input-scale", "0"), "--input-scale must be a finite number > 0"),
+        (run_args(data_root, tmp_path, "--input-scale", "inf"), "--input-scale must be a finite number > 0"),
         (
             run_args(data_root, tmp_path, "--sampler", "heun", "--eval-steps", "2"),
             "must be >= 3 for --sampler heun",
