@@ -25,7 +25,7 @@ from lib.runtime import add_device_args, setup
 from lib.sample import generate, initial_noise, interpolation_noise, sketch_per_seed
 from lib.samplers import add_sampler_args, check_sampler_args
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "models" / "flowers64-v2-cond.pt"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "models" / "flowers128-v2-cond.pt"
 MAX_PANELS = 32  # a screenful: a figure of more pictures is too large to open or read
 NON_INTERACTIVE = {"agg", "pdf", "ps", "svg", "pgf", "cairo", "template"}
 

@@ -113,7 +113,7 @@ def test_loads_an_original_checkpoint(tmp_path):
 
 
 def test_missing_default_model_says_how_to_train_one(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sd_inference, "DEFAULT_CHECKPOINT", tmp_path / "models" / "flowers64-v2-cond.pt")
+    monkeypatch.setattr(sd_inference, "DEFAULT_CHECKPOINT", tmp_path / "models" / "flowers128-v2-cond.pt")
     assert sd_inference.main(["--out", str(tmp_path / "f.png")]) == 2
     err = capsys.readouterr().err
     assert "not there yet" in err and "sd_train.py --preset flowers64" in err
