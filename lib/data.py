@@ -6,6 +6,7 @@ tensor (100 MB for all of Flowers102 at 64 px). Batches are drawn by index; flip
 normalization run on tensors, on whatever device trains.
 """
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -134,7 +135,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _ignore_stop_signals(worker_id):
-    """worker_init_fn of the training loader. Ctrl-C and SIGTERM reach every process of the group
+    """worker_init_fn of the loaders. Ctrl-C and SIGTERM reach every process of the group
     (a terminal, systemd, Slurm): a worker that died of one would end the run with "worker exited
     unexpectedly" while the main process finishes its step and saves. The workers ignore them and
     the main process ends them when it stops (a worker also exits when it finds its parent gone).
@@ -145,31 +146,60 @@ def _ignore_stop_signals(worker_id):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
-def start_workers(loader):
-    """iter(loader), which forks the workers, with Ctrl-C and SIGTERM blocked meanwhile: a forked
-    worker inherits the parent's Python handler, and one signalled before its worker_init_fn ran
-    would run the trainer's stop handler itself. The parent gets any such signal once unblocked."""
-    if not hasattr(signal, "pthread_sigmask"):  # Windows: workers are spawned, nothing inherited
-        return iter(loader)
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """Ctrl-C and SIGTERM held back (delivered on exit) while the block runs; Windows has no masks."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        return iter(loader)
+        yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _loader(dataset, num_workers, **kwargs):
-    # More decoding processes than cores only adds contention (and torch warns about it).
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return DataLoader(dataset, num_workers=min(num_workers, cores), collate_fn=_readable, **kwargs)
+def start_workers(loader):
+    """iter(loader), which forks the workers, with Ctrl-C and SIGTERM blocked meanwhile: a forked
+    worker inherits the parent's Python handler, and one signalled before its worker_init_fn ran
+    would run the trainer's stop handler itself. The parent gets any such signal once unblocked."""
+    with stop_signals_blocked():
+        return iter(loader)
+
+
+def _readable_array(items):
+    """collate_fn of decode_all: the batch's readable images stacked as a numpy array, which
+    crosses from a worker as plain pickled bytes, not as a shared-memory tensor (see decode_all)."""
+    images = _readable(items)
+    return torch.stack(images).numpy() if images else None
 
 
 def decode_all(dataset, num_workers=0):
-    """Decode every item once -> (N, 3, S, S) uint8. Unreadable files are skipped with a warning."""
-    images = [img for batch in _loader(dataset, num_workers, batch_size=64) for img in batch]
+    """Decode every item once -> (N, 3, S, S) uint8. Unreadable files are skipped with a warning.
+
+    A stop signal lands between batches: the workers ignore it (as the training loader's do), and
+    the main process takes it only once a batch is in. A shared-memory tensor would be fetched from
+    its worker over a socket, and a stop during that handshake printed the worker's traceback."""
+    # More decoding processes than cores only adds contention (and torch warns about it).
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    loader = DataLoader(
+        dataset,
+        batch_size=64,
+        num_workers=min(num_workers, cores),
+        collate_fn=_readable_array,
+        worker_init_fn=_ignore_stop_signals,
+    )
+    batches, images = start_workers(loader), []
+    while True:
+        with stop_signals_blocked():
+            batch = next(batches, False)
+        if batch is False:
+            break
+        if batch is not None:
+            images.append(torch.from_numpy(batch))
     if not images:
         raise UserError("none of the images could be read")
-    return torch.stack(images)
+    return torch.cat(images)
 
 
 def image_dataset(image_size, data_root="data", image_dir=None, download=False, limit=None, transform=None):
