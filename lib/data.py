@@ -118,7 +118,7 @@ def fixed_subset(dataset, limit, seed=0):
 
 
 def _readable(items):
-    """collate_fn: keep the decoded images of a batch, warn about the unreadable ones."""
+    """For the collate_fns: keep the decoded images of a batch, warn about the unreadable ones."""
     for img, origin in items:
         if img is None:
             print(f"warning: skipping unreadable image: {origin}", file=sys.stderr)
@@ -177,9 +177,10 @@ def _readable_array(items):
 def decode_all(dataset, num_workers=0):
     """Decode every item once -> (N, 3, S, S) uint8. Unreadable files are skipped with a warning.
 
-    A stop signal lands between batches: the workers ignore it (as the training loader's do), and
-    the main process takes it only once a batch is in. A shared-memory tensor would be fetched from
-    its worker over a socket, and a stop during that handshake printed the worker's traceback."""
+    Batches cross as pickled arrays: a shared-memory tensor is fetched from its worker over a
+    socket, and a stop during that handshake printed the worker's traceback. The workers ignore
+    stop signals (as the --literal loader's do) and the main thread holds them while it receives,
+    so a stop normally lands between batches (without workers, once a batch is decoded)."""
     # More decoding processes than cores only adds contention (and torch warns about it).
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     loader = DataLoader(
