@@ -9,7 +9,8 @@ steps (sd_train.py --max-minutes) into OUT_DIR/NAME, with the training-time KID 
 --eval-every epochs. Runs go one after another, so each has the machine to itself; a run already
 in OUT_DIR continues where it stopped (the same command resumes an interrupted study). The figure
 (default docs/time_to_quality.png) shows each run's probe KID [efficientnet-lite0] against its
-minutes of training steps; --final-eval scores each run's last.pt with sd_eval.py (1000 samples).
+minutes of training steps; --final-eval scores each run's last.pt with sd_eval.py (1000 samples;
+with --class-fidelity for a class-conditional run).
 """
 
 import shlex
@@ -99,9 +100,11 @@ def run(args):
     for i, (name, _) in enumerate(runs if args.final_eval else []):
         print(f"{name}: final scores", flush=True)
         checkpoint = str(Path(args.out_dir) / name / "last.pt")
-        floor = ["--floor"] if i == 0 else []  # real against real: the same for every run
+        extra = ["--floor"] if i == 0 else []  # real against real: the same for every run
+        if read_checkpoint(checkpoint)["config"].get("num_classes"):
+            extra.append("--class-fidelity")  # how often its samples are of the kind asked for
         sd_eval.main(
-            ["--checkpoint", checkpoint, "--data-root", args.data_root, "--cache-dir", args.cache_dir, *floor]
+            ["--checkpoint", checkpoint, "--data-root", args.data_root, "--cache-dir", args.cache_dir, *extra]
         )
 
 
