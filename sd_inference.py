@@ -5,7 +5,8 @@
     python sd_inference.py --init-image docs/drawing.png --strength 0.6    # sketch to image (SDEdit)
     python sd_inference.py --interpolate                     # from one noise to another, 8 frames
 
-Reads this repo's checkpoints and the original repo's model.pt / best.pt / last.pt alike.
+Reads this repo's checkpoints (.pt, or .safetensors from `python -m lib.checkpoint`) and the original
+repo's model.pt / best.pt / last.pt alike.
 """
 
 import math
@@ -35,7 +36,8 @@ def get_parser():
     p.add_argument(
         "--checkpoint",
         default=None,
-        help=f"a checkpoint of this repo or of the original (default: models/{DEFAULT_CHECKPOINT.name})",
+        help="a .pt or .safetensors checkpoint of this repo, or one of the original's "
+        f"(default: models/{DEFAULT_CHECKPOINT.name})",
     )
     p.add_argument(
         "--num-images",

@@ -71,7 +71,7 @@ def run(args):
             ax.set_xticks([])
             ax.set_yticks([])
             if classes:
-                ax.set_title(classes[c], fontsize=7)
+                ax.set_xlabel(classes[c], fontsize=7)  # under its own picture
         axes[r][0].set_ylabel(title, fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -234,7 +234,7 @@ def main(argv=None):
 
     def run(args):
         export_weights(args.src, args.dst)
-        print(f"wrote {args.dst} ({Path(args.dst).stat().st_size / 2**20:.1f} MB)")
+        print(f"wrote {args.dst} ({Path(args.dst).stat().st_size / 1e6:.1f} MB)")
 
     return run_cli(run, p.parse_args(argv))
 
