@@ -228,6 +228,12 @@ def add_recipe_args(p):
 def add_network_args(p):
     both = argparse.BooleanOptionalAction
     p.add_argument(
+        "--widths",
+        type=int_list,
+        help="channels of each level, then of the bottleneck, comma-separated (flowers64: 32,64,96,128)",
+    )
+    p.add_argument("--block-depth", type=int, help="residual blocks per level")
+    p.add_argument(
         "--adaptive-norm",
         action=both,
         help="the noise level and class scale and shift every block's normalized input",
@@ -235,6 +241,13 @@ def add_network_args(p):
     p.add_argument("--attention", action=both, help="self-attention in the bottleneck")
     p.add_argument("--activation", choices=sorted(ACTIVATIONS), help="of the residual blocks")
     p.add_argument("--zero-init", action=both, help="the output conv starts at zero")
+
+
+def int_list(text):
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def add_output_args(p):
@@ -311,6 +324,8 @@ def check_resumable(path, ckpt, explicit, merged):
         prediction=ckpt["config"].get("prediction", "eps"),
         class_cond="num_classes" in ckpt["config"],
         input_scale=saved.get("input_scale", 1.0),
+        widths=ckpt["config"]["widths"],
+        block_depth=ckpt["config"]["block_depth"],
         **{k: ckpt["config"].get(k, v) for k, v in NETWORK_OPTIONS.items()},
     )
     for name, used in fixed.items():
@@ -436,10 +451,11 @@ def new_config(args, init):
     whose prediction and classes the run then keeps (args updated to say so)."""
     try:
         if init is None:
-            cfg = model_config(args.preset, args.image_size, **{k: getattr(args, k) for k in NETWORK_OPTIONS})
+            options = {k: getattr(args, k) for k in NETWORK_OPTIONS}
+            cfg = model_config(args.preset, args.image_size, args.widths, args.block_depth, **options)
         else:  # load_model has checked the config and the --image-size override
             cfg = dict(init["config"])
-            for key, default in NETWORK_OPTIONS.items():
+            for key, default in dict(NETWORK_OPTIONS, widths=None, block_depth=None).items():
                 if getattr(args, key) not in (None, cfg.get(key, default)):
                     flag = "--" + key.replace("_", "-")
                     raise UserError(f"{flag}: --init-from {args.init_from} has {cfg.get(key, default)}")

@@ -281,14 +281,20 @@ def upsample(h):
     return F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=True)
 
 
-def model_config(preset, image_size=None, **options):
-    """The preset's config dict (what a checkpoint stores), with an optional image-size override
-    and network options (None: the preset's). Options at the original's value are left out, so
-    the original's networks keep the original's config."""
+def model_config(preset, image_size=None, widths=None, block_depth=None, **options):
+    """The preset's config dict (what a checkpoint stores), with optional overrides of the image
+    size, widths and block depth, and network options (None: the preset's). Options at the
+    original's value are left out, so the original's networks keep the original's config."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     cfg = dict(PRESETS[preset])
-    cfg["widths"] = list(cfg["widths"])
+    cfg["widths"] = list(cfg["widths"] if widths is None else widths)
+    if len(cfg["widths"]) < 2 or min(cfg["widths"]) < 1:
+        raise ValueError(f"widths must be two or more positive numbers (levels, bottleneck), got {widths}")
+    if block_depth is not None:
+        if block_depth < 1:
+            raise ValueError(f"block depth must be >= 1, got {block_depth}")
+        cfg["block_depth"] = block_depth
     if image_size is not None:
         cfg["image_size"] = image_size
     for key, value in options.items():
@@ -299,6 +305,11 @@ def model_config(preset, image_size=None, **options):
         if cfg.get(key, NETWORK_OPTIONS[key]) == NETWORK_OPTIONS[key]:
             cfg.pop(key, None)
     check_image_size(cfg["image_size"], len(cfg["widths"]) - 1)
+    if cfg.get("attention") and cfg["widths"][-1] % ATTENTION_HEAD_DIM:
+        raise ValueError(
+            f"attention needs a bottleneck width that is a multiple of {ATTENTION_HEAD_DIM}, "
+            f"got {cfg['widths'][-1]}"
+        )
     return cfg
 
 

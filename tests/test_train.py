@@ -520,3 +520,20 @@ def test_a_worker_signalled_before_its_init_neither_dies_nor_runs_the_parents_ha
         assert [b.tolist() for b in batches] == [[0, 1], [2, 3]]
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_widths_and_block_depth_flags_shape_a_new_run_and_are_fixed_after(data_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    flags = ["--widths", "16,32,48,64", "--block-depth", "1", "--epochs", "1"]
+    assert sd_train.main(run_args(data_root, run, *flags)) == 0
+    cfg = torch.load(run / "last.pt", weights_only=True)["config"]
+    assert (cfg["widths"], cfg["block_depth"]) == ([16, 32, 48, 64], 1)
+    capsys.readouterr()
+    assert sd_train.main(["--resume", str(run / "last.pt"), "--epochs", "2", "--block-depth", "2"]) == 2
+    assert "--block-depth cannot change on --resume (the run used 1)" in capsys.readouterr().err
+    new = run_args(data_root, tmp_path / "new", "--init-from", str(run / "last.pt"))
+    assert sd_train.main([*new, "--widths", "16,32,48,96"]) == 2
+    assert capsys.readouterr().err.endswith("has [16, 32, 48, 64]\n")
+    with pytest.raises(SystemExit):
+        sd_train.main(run_args(data_root, tmp_path / "x", "--widths", "16,x"))
+    assert "expected comma-separated integers, got '16,x'" in capsys.readouterr().err

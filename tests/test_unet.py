@@ -134,3 +134,22 @@ def test_network_options_are_checked_and_left_out_at_the_originals_values():
         build_unet(dict(model_config("flowers64"), activation="gelu"))
     with pytest.raises(ValueError, match="unknown network option"):
         model_config("flowers64", dropout=0.1)
+
+
+def test_widths_and_depth_override_the_preset():
+    cfg = model_config("flowers64-v2", image_size=32, widths=[32, 48, 64], block_depth=1)
+    assert (cfg["widths"], cfg["block_depth"], cfg["attention"]) == ([32, 48, 64], 1, True)
+    model = build_unet(cfg).eval()
+    assert len(model.down_blocks) == len(model.up_blocks) == 2  # one level per width but the last
+    assert all(len(level.residual_blocks) == 1 for level in [*model.down_blocks, *model.up_blocks])
+    assert len(model.bottleneck) == 1 and model.bottleneck[0].block[1].out_channels == 64
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32), torch.rand(2)).shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="two or more positive"):
+        model_config("flowers64", widths=[64])
+    with pytest.raises(ValueError, match="block depth must be >= 1"):
+        model_config("flowers64", block_depth=0)
+    with pytest.raises(ValueError, match="multiple of 32, got 100"):
+        model_config("flowers64-v2", widths=[32, 64, 96, 100])
+    with pytest.raises(ValueError, match="must be a positive multiple of 16"):
+        model_config("flowers64", widths=[8, 16, 32, 64, 128], image_size=40)
