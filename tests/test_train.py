@@ -531,6 +531,8 @@ def test_widths_and_block_depth_flags_shape_a_new_run_and_are_fixed_after(data_r
     capsys.readouterr()
     assert sd_train.main(["--resume", str(run / "last.pt"), "--epochs", "2", "--block-depth", "2"]) == 2
     assert "--block-depth cannot change on --resume (the run used 1)" in capsys.readouterr().err
+    same = ["--widths", "16,32,48,64", "--block-depth", "1", "--dry-run"]  # the run's own values: no change
+    assert sd_train.main(["--resume", str(run / "last.pt"), "--epochs", "2", *same]) == 0
     new = run_args(data_root, tmp_path / "new", "--init-from", str(run / "last.pt"))
     assert sd_train.main([*new, "--widths", "16,32,48,96"]) == 2
     assert capsys.readouterr().err.endswith("has [16, 32, 48, 64]\n")

@@ -147,6 +147,8 @@ def test_widths_and_depth_override_the_preset():
         assert model(torch.randn(2, 3, 32, 32), torch.rand(2)).shape == (2, 3, 32, 32)
     with pytest.raises(ValueError, match="two or more positive"):
         model_config("flowers64", widths=[64])
+    with pytest.raises(ValueError, match="two or more positive"):
+        model_config("flowers64", widths=[0, 64])
     with pytest.raises(ValueError, match="block depth must be >= 1"):
         model_config("flowers64", block_depth=0)
     with pytest.raises(ValueError, match="multiple of 32, got 100"):
