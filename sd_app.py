@@ -29,6 +29,7 @@ from lib.classes import GUIDANCE, parse_classes, spread
 from lib.cli import ArgumentParser, UserError, run_cli
 from lib.data import resize_crop, to_rgb
 from lib.metrics import to_uint8
+from lib.normalization import model_stats
 from lib.runtime import add_device_args, setup
 from lib.sample import generate, initial_noise, sketch_per_seed
 from lib.samplers import MIN_EVALUATIONS, SAMPLERS
@@ -90,7 +91,7 @@ class Painter:
     def __init__(self, checkpoint, device="cpu", precision="fp32"):
         self.model, ckpt = load_model(checkpoint, device)
         self.model = self.model.to(memory_format=torch.channels_last)
-        self.mean, self.std = ckpt["norm"]["mean"], ckpt["norm"]["std"]
+        self.mean, self.std = model_stats(ckpt)
         self.size, self.precision = ckpt["config"]["image_size"], precision
         self.classes = ckpt["config"].get("classes", [])
         self.lock = threading.Lock()

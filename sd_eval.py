@@ -2,7 +2,7 @@
 
     python sd_eval.py --checkpoint models/flowers64-v2-cond.pt --num-samples 1000 --data-root data
     python sd_eval.py --checkpoint models/flowers64-v2-cond.pt --floor   # and what real images score
-    python sd_eval.py --samples-dir my_samples/ --image-size 64       # score a folder of images
+    python sd_eval.py --samples-dir my_samples/                       # score a folder of images
     python sd_eval.py --checkpoint cond.pt --class-fidelity           # a class-conditional model
 
 The real images are prepared exactly as for training (resize, center crop to the model's size).
@@ -15,11 +15,12 @@ import sys
 import time
 
 import torch
+from PIL import Image
 
 from lib.checkpoint import load_model
 from lib.classes import GUIDANCE, classes_like
 from lib.cli import ArgumentParser, UserError, check_at_least, run_cli
-from lib.data import check_all_read, image_labels, load_images
+from lib.data import ImageFiles, check_all_read, image_labels, load_images
 from lib.metrics import (
     EXTRACTORS,
     ClassProbe,
@@ -30,6 +31,7 @@ from lib.metrics import (
     reference_features,
     to_uint8,
 )
+from lib.normalization import model_stats
 from lib.runtime import add_device_args, setup
 from lib.sample import generate, initial_noise
 from lib.samplers import add_sampler_args, check_sampler_args
@@ -60,7 +62,8 @@ def get_parser():
         "--image-size",
         type=int,
         default=None,
-        help="default: the checkpoint's; 64 with --samples-dir or --floor alone",
+        help="default: the checkpoint's, or the --samples-dir images' own (all square, one size); "
+        "64 with --floor alone",
     )
     p.add_argument("--floor", action="store_true", help="also score N held-out real images against the rest")
     p.add_argument("--data-root", default="data", help="folder that holds flowers-102/")
@@ -101,13 +104,23 @@ def score(name, real, fake, args):
             f"{real.shape[1]}-d covariance); compare runs at the same counts",
             file=sys.stderr,
         )
-    k_mean, k_std = kid(real, fake, args.kid_subsets, args.kid_subset_size, seed=args.seed)
+    k_mean, k_err = kid(real, fake, args.kid_subsets, args.kid_subset_size, seed=args.seed)
     f = fid(real, fake)
     print(
-        f"{name}: KID [{args.extractor}] {k_mean:.5f} ± {k_std:.5f}   FID [{args.extractor}] {f:.3f}   "
+        f"{name}: KID [{args.extractor}] {k_mean:.5f} ± {k_err:.5f}   FID [{args.extractor}] {f:.3f}   "
         f"({len(fake)} vs {len(real)} real)"
     )
     return k_mean, f
+
+
+def explain_scores(num_fake, dims):
+    """What the numbers on the score lines can and cannot say, printed once."""
+    print(f"KID's ± is one standard error over the {num_fake} scored images (another seed's draw).")
+    if num_fake <= dims:
+        print(
+            f"FID: {num_fake} images cannot fill a {dims}-d covariance (rank < {num_fake}): FID is biased "
+            "upwards and carries no error; compare it only at equal image counts"
+        )
 
 
 def check_args(args):
@@ -139,7 +152,7 @@ def sample(model, ckpt, args, precision, real_labels=None):
     class-conditional model, their classes (drawn like real_labels) or None."""
     t0 = time.perf_counter()
     noise = initial_noise(args.num_samples, ckpt["config"]["image_size"], args.seed)
-    mean, std = ckpt["norm"]["mean"], ckpt["norm"]["std"]
+    mean, std = model_stats(ckpt)
     guidance = GUIDANCE if args.guidance is None else args.guidance
     labels = None if real_labels is None else classes_like(real_labels, args.num_samples, args.seed)
     images = generate(
@@ -172,6 +185,24 @@ def class_fidelity(probe, fake_features, fake_labels, extractor):
     print(f"samples: top-1 {s1:.3f}, top-5 {s5:.3f} ({s1 / max(top1, 1e-9):.2f}x the real top-1)")
 
 
+def samples_size(folder):
+    """The side of the square images in a --samples-dir, which must all share it."""
+    sizes = set()
+    for path in ImageFiles(folder, None).paths:
+        try:
+            with Image.open(path) as img:
+                sizes.add(img.size)
+        except Exception as e:
+            raise UserError(f"cannot read {path} as an image ({type(e).__name__})") from None
+    if len(sizes) > 1 or next(iter(sizes))[0] != next(iter(sizes))[1]:
+        shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:3])
+        raise UserError(
+            f"--samples-dir {folder}: the images are not all square and of one size ({shown}); "
+            "pass --image-size N to score them resized and cropped to N px"
+        )
+    return next(iter(sizes))[0]
+
+
 def load_real(size, args, device):
     """-> (the --extractor network, the real images' features, cached)."""
     real = load_images(
@@ -198,8 +229,8 @@ def run(args):
         model = model.to(memory_format=torch.channels_last)
         size = ckpt["config"]["image_size"]
     elif args.samples_dir:
-        fake = load_images(args.image_size or 64, image_dir=args.samples_dir)
-        size = fake.shape[-1]
+        size = args.image_size or samples_size(args.samples_dir)
+        fake = load_images(size, image_dir=args.samples_dir)
     else:
         size = args.image_size or 64
     extractor, real_features = load_real(size, args, device)
@@ -215,6 +246,7 @@ def run(args):
     if fake is not None:
         fake_features = extract_features(extractor, fake, device=device)
         score("samples", real_features, fake_features, args)
+        explain_scores(len(fake), real_features.shape[1])
     if args.class_fidelity:
         probe = ClassProbe(real_features, real_labels, splits, ckpt["config"]["num_classes"])
         class_fidelity(probe, fake_features, fake_labels, args.extractor)

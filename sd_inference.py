@@ -22,6 +22,7 @@ from lib.checkpoint import load_model
 from lib.classes import GUIDANCE, drawn_classes, parse_classes, spread
 from lib.cli import ArgumentParser, UserError, check_at_least, run_cli
 from lib.data import load_image
+from lib.normalization import model_stats
 from lib.runtime import add_device_args, setup
 from lib.sample import generate, initial_noise, interpolation_noise, sketch_per_seed
 from lib.samplers import add_sampler_args, check_sampler_args
@@ -163,7 +164,7 @@ def checkpoint_path(arg):
 def sketch(model, ckpt, drawing, args, precision):
     """--init-image: one SDEdit result per seed -> (results, panels, figure options); each row of
     panels shows the drawing, its noised version and the result."""
-    mean, std = ckpt["norm"]["mean"], ckpt["norm"]["std"]
+    mean, std = model_stats(ckpt)
     labels, names = class_labels(args, ckpt)
     options = sampling_options(args, precision, labels)
     rows = sketch_per_seed(
@@ -192,7 +193,7 @@ def paint(model, ckpt, args, precision):
         fig_args = dict(title=f"Interpolation: seed {args.seed} to {args.seed + 1}", cols=cols)
     else:
         noise, fig_args = initial_noise(args.num_images, size, args.seed), {}
-    mean, std = ckpt["norm"]["mean"], ckpt["norm"]["std"]
+    mean, std = model_stats(ckpt)
     labels, names = class_labels(args, ckpt)
     options = sampling_options(args, precision, labels)
     batch_size, steps = args.batch_size, args.steps

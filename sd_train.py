@@ -25,7 +25,8 @@ from lib.diffusion import PREDICTIONS
 from lib.run_folder import check_out_dir, lock_run_folder
 from lib.runtime import add_device_args, literal_precision, setup, tune_for_training
 from lib.samplers import MIN_EVALUATIONS, SAMPLERS
-from lib.trainer import TrainingRun, trained_minutes
+from lib.schedule import total_steps
+from lib.trainer import TrainingRun
 from lib.unet import ACTIVATIONS, NETWORK_OPTIONS, PRESETS, build_unet, count_parameters, model_config
 
 ONE_SHOT = ("resume", "overwrite", "dry_run")  # flags that --resume does not take from the saved run
@@ -85,6 +86,7 @@ def get_parser():
     p.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
     add_network_args(p.add_argument_group("network (the preset's unless given; README: Training recipes)"))
     add_data_args(p.add_argument_group("data"))
+    add_budget_args(p.add_argument_group("how long to train (the first budget reached ends the run)"))
     add_recipe_args(p.add_argument_group("optimisation (--recipe sets those marked so; a flag overrides it)"))
     add_output_args(p.add_argument_group("outputs"))
     run = p.add_argument_group("runtime")
@@ -159,20 +161,34 @@ def add_data_args(p):
     p.add_argument(
         "--input-scale",
         type=float,
-        default=1.0,
+        default=None,
         help="multiply the normalized images by this (Chen 2023): below 1 the same noise level hides "
-        "more, as larger images need; 0.5 for twice the side (Hoogeboom et al. 2023); kept as std / scale",
+        "more, as larger images need; 0.5 for twice the side (Hoogeboom et al. 2023). Default 1, or "
+        "the --init-from checkpoint's; kept in the checkpoint's config",
     )
     p.add_argument("--num-workers", type=int, default=4, help="processes that decode the images")
     p.add_argument("--cache-dir", default=None, help="keep the decoded images in a file here for later runs")
 
 
-def add_recipe_args(p):
-    p.add_argument("--recipe", default="original", choices=sorted(RECIPES), help="the defaults below")
+def add_budget_args(p):
     p.add_argument("--epochs", type=int, default=500, help="passes over the images")
     p.add_argument(
-        "--max-minutes", type=float, default=None, help="stop after this many minutes of training steps"
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop after this many optimisation steps (the LR's decay runs to it); the same on any machine",
     )
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="about this many minutes of training steps: turned into --max-steps once, from the rate of "
+        "the first steps, and kept in the checkpoint (lib/schedule.py)",
+    )
+
+
+def add_recipe_args(p):
+    p.add_argument("--recipe", default="original", choices=sorted(RECIPES), help="the defaults below")
     p.add_argument(
         "--batch-size", type=int, default=64, help="per process: the global batch is this x the process count"
     )
@@ -307,6 +323,10 @@ def resolve_args(argv):
     # overwrite, a dry run) apply to the command that gave them only.
     saved = {k: v for k, v in ckpt["train"]["args"].items() if k not in ONE_SHOT}
     merged = {**vars(args), **saved, **explicit}
+    # A budget given now replaces the saved one of the other kind (both given: check_args refuses).
+    for given, other in (("max_steps", "max_minutes"), ("max_minutes", "max_steps")):
+        if given in explicit and other not in explicit:
+            merged[other] = None
     if "out_dir" not in explicit:  # a resumed run writes beside its checkpoint, run from wherever
         merged["out_dir"] = str(Path(args.resume).parent)
     check_resumable(args.resume, ckpt, explicit, merged)
@@ -323,7 +343,7 @@ def check_resumable(path, ckpt, explicit, merged):
         recipe=saved.get("recipe", "original"),
         prediction=ckpt["config"].get("prediction", "eps"),
         class_cond="num_classes" in ckpt["config"],
-        input_scale=saved.get("input_scale", 1.0),
+        input_scale=ckpt["config"].get("input_scale", 1.0),
         widths=ckpt["config"]["widths"],
         block_depth=ckpt["config"]["block_depth"],
         **{k: ckpt["config"].get(k, v) for k, v in NETWORK_OPTIONS.items()},
@@ -336,10 +356,12 @@ def check_resumable(path, ckpt, explicit, merged):
             f"{path} is at the end of epoch {state['epoch']} already: "
             f"pass --epochs N with N > {state['epoch']} to train on"
         )
-    if merged.get("max_minutes") and trained_minutes(state) >= merged["max_minutes"]:
+    budget = total_steps(merged.get("max_steps"), merged.get("max_minutes"), state.get("budget_rate"))
+    if budget is not None and state["global_step"] >= budget:
+        flag = "--max-steps" if merged.get("max_steps") else "--max-minutes"
         raise UserError(
-            f"{path} has trained {trained_minutes(state):.1f} minutes already: "
-            "pass a larger --max-minutes to train on"
+            f"{path} has trained {state['global_step']} steps already, its budget's {budget}: "
+            f"pass a larger {flag} to train on"
         )
     if state["bad_epochs"] >= merged["early_stop"]:
         raise UserError(
@@ -380,12 +402,16 @@ def check_args(args, ctx, device):
     check_at_least(args, weight_decay=0.0, warmup_steps=0, lr_decay_steps=1, min_snr_gamma=0.0, ema_power=0.0)
     if not args.lr > 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
-    if not (math.isfinite(args.input_scale) and args.input_scale > 0):
+    if args.input_scale is not None and not (math.isfinite(args.input_scale) and args.input_scale > 0):
         raise UserError(f"--input-scale must be a finite number > 0, got {args.input_scale}")
     if not 0.0 < args.lr_cooldown <= 1.0:
         raise UserError(f"--lr-cooldown must be in (0, 1], got {args.lr_cooldown}")
     if args.max_minutes is not None and not args.max_minutes > 0:
         raise UserError(f"--max-minutes must be > 0, got {args.max_minutes}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UserError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if args.max_steps and args.max_minutes:
+        raise UserError("--max-steps and --max-minutes are two budgets for one run: give one of them")
     if not (0.0 <= args.ema_decay < 1.0 and 0.0 < args.lr_factor < 1.0):
         raise UserError(
             f"--ema-decay must be in [0, 1) and --lr-factor in (0, 1), got {args.ema_decay}, {args.lr_factor}"
@@ -467,6 +493,11 @@ def new_config(args, init):
         raise UserError(str(e)) from None
     if args.prediction != "eps":  # what the output means travels with the network
         cfg["prediction"] = args.prediction
+    # The model's space travels with the weights: absolute, so that two fine-tunes never compound.
+    if args.input_scale is not None:
+        cfg.pop("input_scale", None)
+        if args.input_scale != 1.0:
+            cfg["input_scale"] = args.input_scale
     if args.class_cond:  # the names only: nothing decoded yet
         names = image_labels(args.data_root, args.image_dir, args.download)[1]
         if init and names != cfg["classes"]:

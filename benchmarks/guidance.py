@@ -27,6 +27,7 @@ from lib.metrics import (
     reference_features,
     to_uint8,
 )
+from lib.normalization import model_stats
 from lib.runtime import add_device_args, setup
 from lib.sample import generate, initial_noise
 from lib.samplers import SAMPLERS
@@ -61,8 +62,7 @@ def run(args):
         images = generate(
             model,
             noise,
-            ckpt["norm"]["mean"],
-            ckpt["norm"]["std"],
+            *model_stats(ckpt),
             steps=args.steps,
             seed=args.seed,
             precision=precision,

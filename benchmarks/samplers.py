@@ -20,6 +20,7 @@ from lib.classes import GUIDANCE, classes_like
 from lib.cli import ArgumentParser, UserError, check_at_least, run_cli
 from lib.data import load_images
 from lib.metrics import EfficientNetLite0, extract_features, fid, kid, reference_features, to_uint8
+from lib.normalization import model_stats
 from lib.runtime import add_device_args, setup
 from lib.sample import generate, initial_noise
 from lib.samplers import DEFAULT_SPACING, MIN_EVALUATIONS, SAMPLERS, SPACINGS
@@ -34,8 +35,7 @@ def score(model, ckpt, sampler, evaluations, real_features, extractor, args, pre
     images = generate(
         model,
         noise,
-        ckpt["norm"]["mean"],
-        ckpt["norm"]["std"],
+        *model_stats(ckpt),
         steps=evaluations,
         seed=args.seed,
         precision=precision,

@@ -1,29 +1,31 @@
 """Quality per minute of training: runs recipes for the same minutes, then draws KID against minutes.
 
-    python benchmarks/time_to_quality.py --data-root ../shared/data --minutes 20 \
+    python benchmarks/time_to_quality.py --data-root data --minutes 20 \
         --run "original: --recipe original" --run "improved: --recipe improved"
 
 Each run is `NAME: sd_train.py flags`, trained with the flowers64 preset (unless its flags name
-another --preset) for --minutes of training
-steps (sd_train.py --max-minutes) into OUT_DIR/NAME, with the training-time KID probe every
---eval-every epochs. Runs go one after another, so each has the machine to itself; a run already
-in OUT_DIR continues where it stopped (the same command resumes an interrupted study). The figure
-(default docs/time_to_quality.png) shows each run's probe KID [efficientnet-lite0] against its
-minutes of training steps; --final-eval scores each run's last.pt with sd_eval.py (1000 samples;
-with --class-fidelity for a class-conditional run).
+another --preset) for --minutes of training steps (sd_train.py --max-minutes: the steps that many
+minutes come to at the rate of its first steps) into OUT_DIR/NAME, with the training-time KID probe
+every --eval-every epochs. Runs go one after another, each in its own process, so each has the
+machine to itself; a run already in OUT_DIR continues where it stopped (the same command resumes
+an interrupted study). The figure (default docs/time_to_quality.png) shows each run's probe KID
+[efficientnet-lite0] against its minutes of training steps (bars: one standard error over its
+samples); --final-eval scores each run's last.pt with sd_eval.py (1000 samples; with
+--class-fidelity for a class-conditional run).
 """
 
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import sd_eval
-import sd_train
 from lib.checkpoint import read_checkpoint
 from lib.cli import ArgumentParser, UserError, check_at_least, run_cli
 from lib.run_folder import read_log
-from lib.trainer import trained_minutes
+from lib.schedule import total_steps
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_run(spec):
@@ -39,8 +41,10 @@ def train(name, flags, args):
     out = Path(args.out_dir) / name
     if (out / "last.pt").is_file():
         argv = ["--resume", str(out / "last.pt"), "--max-minutes", str(args.minutes)]
-        if trained_minutes(read_checkpoint(out / "last.pt")["train"]) >= args.minutes:
-            print(f"{name}: {args.minutes:g} minutes trained already")
+        state = read_checkpoint(out / "last.pt")["train"]
+        budget = total_steps(None, args.minutes, state.get("budget_rate"))
+        if budget is not None and state["global_step"] >= budget:
+            print(f"{name}: {args.minutes:g} minutes trained already ({budget} steps)")
             return
     else:
         common = ["--preset", "flowers64", "--data-root", args.data_root, "--out-dir", str(out)]
@@ -55,7 +59,8 @@ def train(name, flags, args):
         common += ["--cache-dir", args.cache_dir, "--sample-every", str(args.eval_every)]
         argv = [*common, *flags]
     print(f"{name}: sd_train.py {shlex.join(argv)}", flush=True)
-    status = sd_train.main(argv)
+    # Its own process: seeds, signal handlers and allocator settings never leak into the next run.
+    status = subprocess.run([sys.executable, str(ROOT / "sd_train.py"), *argv]).returncode
     if status != 0:
         raise UserError(f"{name}: sd_train.py stopped with status {status}")
 
@@ -73,12 +78,12 @@ def draw(names, args):
         minutes, kids = 0.0, []
         for row in read_log(Path(args.out_dir) / name):
             minutes += float(row["seconds"]) / 60
-            if row["kid"]:
-                kids.append((minutes, float(row["kid"])))
+            if row["kid"]:  # logs written before the probe kept its error have none
+                kids.append((minutes, float(row["kid"]), float(row.get("kid_err") or 0)))
         if kids:
-            ax.plot(
-                *zip(*kids, strict=True), marker="o", markersize=3, label=name, color=colors[i % len(colors)]
-            )
+            x, y, err = zip(*kids, strict=True)
+            color = colors[i % len(colors)]
+            ax.errorbar(x, y, yerr=err, marker="o", markersize=3, capsize=2, label=name, color=color)
     ax.set(xlabel="minutes of training steps", ylabel="KID [efficientnet-lite0], probe", yscale="log")
     ax.set_title("Quality per minute of training")
     ax.grid(alpha=0.3, which="both")
@@ -103,9 +108,8 @@ def run(args):
         extra = ["--floor"] if i == 0 else []  # real against real: the same for every run
         if read_checkpoint(checkpoint)["config"].get("num_classes"):
             extra.append("--class-fidelity")  # how often its samples are of the kind asked for
-        sd_eval.main(
-            ["--checkpoint", checkpoint, "--data-root", args.data_root, "--cache-dir", args.cache_dir, *extra]
-        )
+        argv = ["--checkpoint", checkpoint, "--data-root", args.data_root, "--cache-dir", args.cache_dir]
+        subprocess.run([sys.executable, str(ROOT / "sd_eval.py"), *argv, *extra], check=True)
 
 
 def main(argv=None):

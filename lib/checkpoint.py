@@ -2,13 +2,15 @@
 
 Layout (a plain dict, so `torch.load(weights_only=True)` reads it and a crafted file cannot run code):
     format  "flowers-ddim/1"; "/2" for a v-predicting or class-conditional network, "/3" for one
-            with network options (see make_checkpoint)
+            with network options or an input scale (see checkpoint_format)
     config  {"image_size", "widths", "embedding_dim", "block_depth"}: rebuilds the network;
             "prediction": "v" where the network predicts v (absent: the noise, eps);
             "num_classes" and "classes" for a class-conditional network; lib/unet.py's
-            NETWORK_OPTIONS where the network departs from the original's
-    norm    {"mean": [3 floats], "std": [3 floats]}: the data normalization the model was trained in
-            (std divided by sd_train.py --input-scale)
+            NETWORK_OPTIONS where the network departs from the original's; "input_scale": b where
+            sd_train.py --input-scale b multiplied the normalized images
+    norm    {"mean": [3 floats], "std": [3 floats]}: the data's per-channel statistics, which the
+            model's space is made from (lib.normalization.model_stats: (x - mean) / std * b).
+            Files written before "input_scale" existed hold std / b here
     ema     state dict of the EMA weights (what is sampled)
     train   (best.pt / last.pt only) everything sd_train.py --resume needs
 
@@ -18,6 +20,7 @@ are read by the same loader and converted on the fly. Exported weights may also 
 """
 
 import json
+import math
 import pickle
 import re
 import sys
@@ -35,7 +38,7 @@ from lib.unet import CONFIG_KEYS, NETWORK_OPTIONS, build_unet, check_image_size
 FORMAT = "flowers-ddim/1"
 # Each later format is written where the config holds what the readers of the earlier ones would
 # ignore, so that those refuse the file instead of sampling it wrongly: /2 a v-predicting or
-# class-conditional network, /3 network options (lib/unet.py's NETWORK_OPTIONS).
+# class-conditional network, /3 network options (lib/unet.py's NETWORK_OPTIONS) or an input scale.
 FORMAT_2 = "flowers-ddim/2"
 FORMAT_3 = "flowers-ddim/3"
 FORMATS = (FORMAT, FORMAT_2, FORMAT_3)
@@ -44,7 +47,7 @@ ORIGINAL_IMAGE_SIZE = 128  # the original trained and sampled at 128 px only; it
 
 def checkpoint_format(config):
     """The oldest format whose readers build this config's network correctly."""
-    if any(k in config for k in NETWORK_OPTIONS):
+    if any(k in config for k in (*NETWORK_OPTIONS, "input_scale")):
         return FORMAT_3
     return FORMAT_2 if config.get("prediction", "eps") != "eps" or config.get("num_classes") else FORMAT
 
@@ -127,7 +130,19 @@ def read_checkpoint(path, image_size=None):
         raise UserError(f"{path} is an incomplete checkpoint (no {', '.join(missing)})")
     if image_size is not None:
         obj["config"]["image_size"] = image_size
+    _unfold_input_scale(obj)
     return obj
+
+
+def _unfold_input_scale(ckpt):
+    """A training state written before "input_scale" had its own key kept --input-scale b folded
+    into norm's std (std / b); its saved flags name b. Move it to the config: the same model
+    space, and norm describes the data again. (Exported weights of that time name no b and stay
+    as they are: they paint the same either way.)"""
+    scale = ckpt.get("train", {}).get("args", {}).get("input_scale")
+    if scale not in (None, 1.0) and "input_scale" not in ckpt["config"]:
+        ckpt["config"]["input_scale"] = scale
+        ckpt["norm"]["std"] = [s * scale for s in ckpt["norm"]["std"]]
 
 
 def _is_safetensors(path):
@@ -190,6 +205,9 @@ def load_model(path, device="cpu", image_size=None):
             raise UserError(f"--image-size: {e}") from None
         raise UserError(f"{path} has an unusable config {cfg} ({e})") from None
     load_weights(model, ckpt["ema"], path)
+    scale = cfg.get("input_scale", 1.0)
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise UserError(f"{path} has an unusable input_scale {scale!r} (a finite number > 0)")
     if len(cfg.get("classes", [])) != cfg.get("num_classes", 0):
         raise UserError(f"{path} names {len(cfg.get('classes', []))} classes for {cfg.get('num_classes', 0)}")
     prediction = cfg.get("prediction", "eps")

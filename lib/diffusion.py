@@ -1,7 +1,9 @@
 """Continuous-time cosine diffusion: schedule, denoiser, training loss and the DDIM sampler.
 
-Everything here takes the network as a plain callable `model(x_t, noise_var) -> eps_hat`, so the
-network never sees the schedule (as in DiT) and any noise predictor, an oracle included, plugs in.
+Everything here takes the network as a plain callable `model(x_t, noise_var) -> eps_hat`: the
+network is told the noise level itself (its variance), not a time t, so it never depends on how t
+maps to noise (as EDM's networks see sigma, Karras et al. 2022; DiT's see the step t), and any
+noise predictor, an oracle included, plugs in.
 Images are in the normalized space (per-channel mean 0, std 1, or b with sd_train.py --input-scale b);
 lib/normalization.py maps to and from it.
 """
@@ -42,11 +44,13 @@ def denoise(model, x_t, noise_rate, signal_rate):
 
 
 def min_snr_weight(noise_rate, signal_rate, gamma, prediction="eps"):
-    """Min-SNR-gamma weighting (Hang et al. 2023), SNR = signal_rate^2 / noise_rate^2: the weight
-    that turns each prediction's error into min(SNR, gamma) times the error of x0. For noise
-    prediction min(SNR, gamma) / SNR, for v-prediction min(SNR, gamma) / (SNR + 1). The nearly
-    clean levels, whose noise is hard to see and whose gradients conflict with the rest, count
-    less."""
+    """Min-SNR-gamma weighting (Hang et al. 2023), SNR = signal_rate^2 / noise_rate^2: for noise
+    prediction min(SNR, gamma) / SNR, for v-prediction min(SNR, gamma) / (SNR + 1). With the L2
+    loss that makes each level's loss min(SNR, gamma) times the squared error of x0 (with L1 the
+    weight is the same, and no longer that product). The nearly clean levels, whose noise is hard
+    to see and whose gradients conflict with the rest, count less. This schedule's SNR peaks at
+    0.95^2 / (1 - 0.95^2) = 9.26 (t = 0), so gamma 5 lowers the weight only for t < 0.083, to no
+    less than 0.54."""
     snr = (signal_rate / noise_rate) ** 2
     return snr.clamp(max=gamma) / (snr if prediction == "eps" else snr + 1)
 

@@ -6,8 +6,10 @@ Two feature extractors, never mixed (every result carries the extractor's name):
   inception           the FID Inception-v3 (TensorFlow 2015-12-05 weights, through torch-fidelity),
                       2048-d pool features: numbers comparable with papers. Downloaded once, or
                       given as a file (--inception-weights).
-KID: Binkowski et al. 2018, unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3, mean and std over
-random subsets. FID: Heusel et al. 2017, the Frechet distance of Gaussians fitted to the features.
+KID: Binkowski et al. 2018, unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3, averaged over random
+subsets, with a standard error over the fake images (kid's docstring). FID: Heusel et al. 2017,
+the Frechet distance of Gaussians fitted to the features; with fewer images than dimensions (1000
+in 1280-d) their covariance is rank-deficient and FID is biased upwards: compare at equal counts.
 """
 
 import hashlib
@@ -135,24 +137,40 @@ def to_uint8(images):
 
 
 def kid(real, fake, num_subsets=100, subset_size=1000, seed=0):
-    """Kernel Inception Distance -> (mean, std) over random subsets (with replacement between
-    subsets, without within one). Unbiased: the kernel's diagonal terms are left out."""
+    """Kernel Inception Distance -> (mean, standard error). The mean is Binkowski et al.'s: the
+    unbiased MMD^2 (the kernel's diagonal terms left out) averaged over random subsets of m images
+    a side (with replacement between subsets, without within one).
+
+    The error covers what changes when the same model is sampled again: the fake images. It is
+    the delete-one jackknife over them (each fake image left out of every subset that holds it;
+    Arvesen 1969 for U-statistics), combined with the Monte-Carlo error of the subset average.
+    The std over subsets is no such error: with m = all the fake images every subset holds the
+    same fakes, and it measures only which real images were drawn."""
     m = min(subset_size, len(real), len(fake))
-    if m < 2:
-        raise ValueError("KID needs at least 2 samples on each side")
+    if m < 3:
+        raise ValueError("KID needs at least 3 samples on each side")
     g = torch.Generator().manual_seed(seed)
-    d = real.shape[1]
-    values = []
-    for _ in range(num_subsets):
+    d, n = real.shape[1], len(fake)
+    values = torch.zeros(num_subsets, dtype=torch.float64)
+    left_out = torch.zeros(n, dtype=torch.float64)  # sum over subsets of (value without j - value)
+    for s in range(num_subsets):
         x = real[torch.randperm(len(real), generator=g)[:m]]
-        y = fake[torch.randperm(len(fake), generator=g)[:m]]
+        iy = torch.randperm(n, generator=g)[:m]
+        y = fake[iy]
         k_xx, k_yy, k_xy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
-        mmd = ((k_xx.sum() - k_xx.diagonal().sum()) + (k_yy.sum() - k_yy.diagonal().sum())) / (
-            m * (m - 1)
-        ) - 2 * k_xy.mean()
-        values.append(mmd.item())
-    values = torch.tensor(values, dtype=torch.float64)
-    return values.mean().item(), values.std().item() if len(values) > 1 else 0.0
+        xx = (k_xx.sum() - k_xx.diagonal().sum()) / (m * (m - 1))
+        rows = k_yy.sum(1) - k_yy.diagonal()  # each fake's kernel sum with the other fakes
+        cols = k_xy.sum(0)  # each fake's kernel sum with the real images
+        yy, xy = rows.sum(), cols.sum()
+        values[s] = xx + yy / (m * (m - 1)) - 2 * xy / (m * m)
+        without = xx + (yy - 2 * rows) / ((m - 1) * (m - 2)) - 2 * (xy - cols) / (m * (m - 1))
+        left_out.index_add_(0, iy, without - values[s])
+    mean = values.mean().item()
+    jackknife = values.mean() + left_out / num_subsets  # the estimate without fake j, for each j
+    var = (n - 1) / n * (jackknife - jackknife.mean()).square().sum()
+    if num_subsets > 1:
+        var = var + values.var() / num_subsets
+    return mean, var.sqrt().item()
 
 
 def gaussian_stats(features):
@@ -196,7 +214,8 @@ def reference_features(extractor, images, cache_dir, device="cpu"):
 
 class KidProbe:
     """A cheap KID for tracking training (as the Keras DDIM example does): the same fixed noise
-    every time, sampled with few steps, scored against the training images' features."""
+    every time, sampled with few steps, scored against the training images' features -> (KID,
+    its standard error over the samples)."""
 
     def __init__(
         self,
@@ -237,7 +256,7 @@ class KidProbe:
                 **self.classes,
             )
         )
-        return kid(self.real, extract_features(self.extractor, fake, device=self.device), seed=self.seed)[0]
+        return kid(self.real, extract_features(self.extractor, fake, device=self.device), seed=self.seed)
 
 
 def fit_linear_probe(features, labels, num_classes, weight_decay, max_iter=300):

@@ -9,6 +9,14 @@ FLOWERS_MEAN = (0.4750, 0.3940, 0.3079)
 FLOWERS_STD = (0.2218, 0.2075, 0.2036)
 
 
+def model_stats(ckpt):
+    """-> (mean, std) that take a checkpoint's pixels into its network's space: the data's
+    per-channel statistics ("norm"), with std divided by the run's input scale (config
+    "input_scale", sd_train.py --input-scale; 1 where absent): x -> b (x - mean) / std_data."""
+    scale = ckpt["config"].get("input_scale", 1.0)
+    return list(ckpt["norm"]["mean"]), [s / scale for s in ckpt["norm"]["std"]]
+
+
 def compute_stats(images, chunk=512):
     """Per-channel mean and std (over all pixels, in [0, 1]) of a uint8 (N, 3, H, W) tensor."""
     total = torch.zeros(3, dtype=torch.float64)

@@ -8,7 +8,7 @@ from pathlib import Path
 from lib.checkpoint import read_checkpoint
 from lib.cli import UserError
 
-CSV_FIELDS = ["epoch", "loss", "lr", "seconds", "images_per_s", "kid"]
+CSV_FIELDS = ["epoch", "loss", "lr", "seconds", "images_per_s", "kid", "kid_err"]
 
 
 def check_out_dir(args, resumed):
@@ -105,7 +105,7 @@ def write_log(out_dir, rows, probe):
     import matplotlib.pyplot as plt
 
     for key, label, name in (
-        ("loss", "L1 loss on the noise (epoch mean)", "loss_curve.png"),
+        ("loss", "training loss (epoch mean)", "loss_curve.png"),
         ("kid", f"KID [efficientnet-lite0], {probe} samples", "kid_curve.png"),
     ):
         points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]

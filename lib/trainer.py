@@ -20,11 +20,12 @@ from lib.data import DecodedBatches, JpegBatches, epoch_order, load_images, load
 from lib.diffusion import as_noise_predictor
 from lib.files import atomic_save
 from lib.metrics import KidProbe
-from lib.normalization import FLOWERS_MEAN, FLOWERS_STD, compute_stats, to_model_space
+from lib.normalization import FLOWERS_MEAN, FLOWERS_STD, compute_stats, model_stats, to_model_space
 from lib.run_folder import write_log
 from lib.runtime import sum_dtype
 from lib.sample import generate, initial_noise
-from lib.training import Training, ema_decay_at, lr_factor
+from lib.schedule import fix_rate, lr_factor, progress_at, total_steps, window_done
+from lib.training import Training, ema_decay_at
 from lib.unet import count_parameters
 
 # With fp16 loss scaling, a step whose loss overflowed is skipped (the scaler lowers the scale and
@@ -48,6 +49,7 @@ NEW_RUN = dict(
     best_kid=math.inf,
     best_written=math.inf,  # best.pt's loss or KID (--best-by): the best of the epochs written
     bad_epochs=0,
+    budget_rate=None,  # --max-minutes' timed rate (lib.schedule.fix_rate), once the run has timed it
 )
 
 
@@ -93,9 +95,10 @@ class TrainingRun:
                 loss=args.loss, min_snr_gamma=args.min_snr_gamma, prediction=cfg.get("prediction", "eps")
             ),
         )
-        self.time_up = False
+        self.budget_done = False
+        self.first_step = None  # (global step, seconds trained) after this session's first step
         kid_here = args.eval_every > 0 and ctx.is_main
-        images, labels = self.load_data(resumed or init, kid_here, 1.0 if resumed else args.input_scale)
+        images, labels = self.load_data(resumed or init, kid_here)
         self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.training.opt,
             mode="min",
@@ -124,7 +127,7 @@ class TrainingRun:
             self.kid_probe = KidProbe(
                 images,
                 self.mean,
-                self.std,
+                self.model_std,
                 args.eval_samples,
                 args.eval_steps,
                 args.seed + 1,
@@ -135,11 +138,10 @@ class TrainingRun:
                 labels,
             )
 
-    def load_data(self, saved, keep_images, input_scale):
+    def load_data(self, saved, keep_images):
         """Set the batch source and the normalization -> the decoded images (or None) and, for a
         class-conditional model, their labels (else None). `saved`: the checkpoint resumed or
-        started from (--init-from), whose normalization its weights were trained in and keep.
-        `input_scale`: a new run's --input-scale (1 for a resumed one, whose std has it already).
+        started from (--init-from), whose data statistics its weights were trained in and keep.
 
         The fast path trains on the images decoded once; the literal path decodes every epoch and
         needs them whole only for their statistics (--image-dir, --norm-stats data) or the KID
@@ -174,8 +176,9 @@ class TrainingRun:
             self.mean, self.std = compute_stats(images)
         else:
             self.mean, self.std = FLOWERS_MEAN, FLOWERS_STD
-        # --input-scale b: x0 -> b x0 shifts log-SNR by 2 log b at every t (Chen 2023), kept as std / b
-        self.std = [s / input_scale for s in self.std]
+        # The model's space: --input-scale b (the config's) multiplies the normalized images, which
+        # shifts log-SNR by 2 log b at every t (Chen 2023); norm keeps the data's own statistics.
+        self.model_std = model_stats(dict(config=self.cfg, norm=dict(mean=self.mean, std=self.std)))[1]
         self.n_images = len(self.data)
         self.steps_per_epoch = steps = len(
             distributed.shard(torch.arange(self.n_images), args.batch_size, ctx)
@@ -283,12 +286,11 @@ class TrainingRun:
         )
         # Under torchrun, asking every rank costs a device sync; every 10 steps keeps the queue full.
         check_every = 10 if ctx.active else 1
-        budget, spent = (args.max_minutes or math.inf) * 60, trained_minutes(state) * 60
-        t0, steps_done = time.perf_counter(), 0
+        spent, t0, steps_done = trained_minutes(state) * 60, time.perf_counter(), 0
         for i, batch in enumerate(bar):
             images, labels = batch if self.cfg.get("num_classes") else (batch, None)
-            self.set_lr((spent + time.perf_counter() - t0) / budget)
-            x0 = to_model_space(images, self.mean, self.std, self.gen if args.flip else None)
+            self.set_lr()
+            x0 = to_model_space(images, self.mean, self.model_std, self.gen if args.flip else None)
             decay = ema_decay_at(state["global_step"], args.ema_decay, args.ema_warmup, args.ema_power)
             add_loss(acc, self.training.step(x0, self.gen, decay, labels, args.label_dropout))
             state["global_step"] += 1
@@ -300,9 +302,10 @@ class TrainingRun:
                 bar.set_postfix(
                     loss=f"{(state['epoch_loss_sum'] + total) / max(1, state['epoch_finite'] + count):.4f}"
                 )
-            self.time_up = spent + time.perf_counter() - t0 >= budget
-            if (i + 1) % check_every == 0 and distributed.any_rank(
-                stop.requested or self.time_up, ctx, self.device
+            self.time_steps(spent + time.perf_counter() - t0, (i + 1) % check_every == 0)
+            self.budget_done = self.total_steps is not None and state["global_step"] >= self.total_steps
+            if self.budget_done or (
+                (i + 1) % check_every == 0 and distributed.any_rank(stop.requested, ctx, self.device)
             ):
                 break
         state["epoch_seconds"] += time.perf_counter() - t0
@@ -312,26 +315,55 @@ class TrainingRun:
         state["epoch_finite"] += distributed.all_sum(count, ctx, self.device) / ctx.world_size
         state["epoch_skipped"] += round(distributed.all_sum(steps_done - count, ctx, self.device))
         self.skipping = distributed.any_rank(longest_skip_run >= SKIPPED_IN_A_ROW, ctx, self.device)
-        self.time_up = distributed.any_rank(self.time_up, ctx, self.device)
         bar.close()
         return steps_done == len(batches)
 
-    def set_lr(self, time_fraction):
-        """The coming step's LR, where the warmup or a per-step schedule sets it (lr_factor);
-        cosine and wsd run to the end of --epochs or of --max-minutes (time_fraction), whichever
-        comes first. Epochs are counted in images, which a resume with another batch size or
-        process count keeps."""
+    def set_lr(self):
+        """The coming step's LR, where the warmup or a per-step schedule sets it (lr_factor):
+        a function of the step and the run's length only (lib/schedule.py). cosine and wsd run
+        to the end of --epochs or of the step budget, whichever comes first. Epochs are counted
+        in images, which a resume with another batch size or process count keeps."""
         args, state, step = self.args, self.state, self.state["global_step"]
         if args.lr_schedule == "plateau" and step >= args.warmup_steps:
             return  # ReduceLROnPlateau's, changed at epoch ends
-        progress = (state["epoch"] + state["images_done"] / self.n_images) / args.epochs
-        if args.max_minutes:
-            progress = max(progress, time_fraction)
+        epochs_done = state["epoch"] + state["images_done"] / self.n_images
+        progress = progress_at(step, epochs_done, args.epochs, self.total_steps)
         lr = args.lr * lr_factor(
             args.lr_schedule, step, args.warmup_steps, args.lr_decay_steps, progress, args.lr_cooldown
         )
         for group in self.training.opt.param_groups:
             group["lr"] = lr
+
+    @property
+    def total_steps(self):
+        """The run's length in steps, where a step budget sets one and it is known (else None)."""
+        return total_steps(self.args.max_steps, self.args.max_minutes, self.state["budget_rate"])
+
+    def time_steps(self, trained_seconds, collective):
+        """--max-minutes without a timed rate yet: once this session has timed enough steps after
+        its first, fix the run's length in steps. Rank 0's clock decides for every rank, at a step
+        where all ranks ask (`collective`). trained_seconds: the run's seconds of steps so far."""
+        args, state, ctx = self.args, self.state, self.ctx
+        if not args.max_minutes or args.max_steps or state["budget_rate"]:
+            return
+        if self.first_step is None:  # the session's first step ends: the timing starts here
+            self.first_step = (state["global_step"], trained_seconds)
+        if not collective:
+            return
+        steps, seconds = state["global_step"] - self.first_step[0], trained_seconds - self.first_step[1]
+        ready = ctx.is_main and window_done(args.max_minutes, steps, seconds)
+        if not distributed.any_rank(ready, ctx, self.device):
+            return
+        mine = fix_rate(state["global_step"], trained_seconds, steps, seconds) if ctx.is_main else {}
+        rate = {
+            k: distributed.all_sum(mine.get(k, 0.0), ctx, self.device)
+            for k in ("seconds", "seconds_per_step")
+        }
+        state["budget_rate"] = dict(rate, step=state["global_step"])
+        self.log(
+            f"{args.max_minutes:g} minutes of training come to {self.total_steps} steps at "
+            f"{rate['seconds_per_step']:.3f} s a step (timed over {steps} steps): the run's length is fixed"
+        )
 
     def check_diverged(self, reached_end):
         """A one-line error, before anything of the epoch is saved, if training diverged: a
@@ -354,10 +386,15 @@ class TrainingRun:
         """Why the run pauses after this part of an epoch, or "" if it goes on."""
         if interrupted:
             return "stopped"
-        return f"{self.args.max_minutes:g} minutes of training done" if self.time_up else ""
+        if not self.budget_done:
+            return ""
+        if self.args.max_steps:
+            return f"{self.total_steps} steps done"
+        return f"{self.total_steps} steps done ({self.args.max_minutes:g} minutes at the timed rate)"
 
     def resume_hint(self):
-        more = " and a larger --max-minutes" if self.time_up else ""
+        flag = "--max-steps" if self.args.max_steps else "--max-minutes"
+        more = f" and a larger {flag}" if self.budget_done else ""
         return f"resume with --resume {self.out_dir / 'last.pt'}{more}"
 
     def log_done(self):
@@ -392,14 +429,16 @@ class TrainingRun:
         grid_due = not interrupted and (epoch == 1 or epoch % args.sample_every == 0 or final)
         # The same on every rank (saving is collective). A stop (signal or time budget) ends the
         # run after this epoch: it is always written.
-        save_due = epoch % args.save_every == 0 or final or interrupted or self.time_up or kid_due or grid_due
+        save_due = (
+            epoch % args.save_every == 0 or final or interrupted or self.budget_done or kid_due or grid_due
+        )
         if save_due:
             self.save("last.pt")
         kid = None  # rank 0 measures it; the other ranks do not need it for any decision
         if kid_due and self.kid_probe is not None:
             with self.after_save("the KID probe", epoch):
-                kid = self.kid_probe(self.sampling_net())
-            row["kid"] = round(kid, 6)
+                kid, kid_err = self.kid_probe(self.sampling_net())
+            row["kid"], row["kid_err"] = round(kid, 6), round(kid_err, 6)
         state["best_kid"] = min(state["best_kid"], kid if kid is not None else math.inf)
         metric = kid if args.best_by == "kid" else loss
         improved = save_due and metric is not None and metric < state["best_written"]
@@ -425,6 +464,7 @@ class TrainingRun:
             seconds=round(seconds, 2),
             images_per_s=round(self.n_images / seconds, 2),
             kid=None,
+            kid_err=None,
         )
         state["log"].append(row)
         state.update(
@@ -436,7 +476,7 @@ class TrainingRun:
     def report(self, row, skipped, improved):
         """The epoch's line; the CSV log and the curves rewritten."""
         kid, seconds = row["kid"], row["seconds"]
-        notes = "" if kid is None else f"  KID {kid:.4f}"
+        notes = "" if kid is None else f"  KID {kid:.4f} ± {row['kid_err']:.4f}"
         notes += f"  {skipped} steps skipped (fp16 overflow)" if skipped else ""
         notes += "  *best*" if improved else ""
         self.log(
@@ -469,7 +509,7 @@ class TrainingRun:
             self.sampling_net(),
             self.sample_noise,
             self.mean,
-            self.std,
+            self.model_std,
             steps=self.args.sample_steps,
             seed=self.args.seed,
             precision=self.training.precision,

@@ -2,7 +2,6 @@
 EMA copy, Adam and the loss scaler. sd_train.py runs it in its loop; the benchmark times it."""
 
 import copy
-import math
 import warnings
 
 import torch
@@ -36,24 +35,6 @@ def ema_decay_at(step, decay, warmup=False, power=0.0):
     if warmup:
         return min(decay, (1 + step) / (10 + step))
     return decay if step else 0.0
-
-
-def lr_factor(schedule, step, warmup_steps=0, decay_steps=1, progress=0.0, cooldown=0.2):
-    """The LR multiplier at step `step` (0-based): a linear warmup over warmup_steps, times
-    "constant" 1, "rsqrt" min(1, sqrt(decay_steps / step)) (the inverse-square-root decay of
-    EDM2, Karras et al. 2024), "cosine" 0.5 (1 + cos(pi progress)), or "wsd" 1 until the last
-    `cooldown` share of the run, then linearly to 0 (warmup-stable-decay, Hägele et al. 2024:
-    a run can be extended while the LR is constant). progress in [0, 1] is the fraction of the
-    run done. ("plateau" is the original's epoch-wise ReduceLROnPlateau: 1 here, after the
-    warmup.)"""
-    factor = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
-    if schedule == "rsqrt":
-        factor *= min(1.0, math.sqrt(decay_steps / max(step, 1)))
-    elif schedule == "cosine":
-        factor *= 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
-    elif schedule == "wsd":
-        factor *= min(1.0, max(1.0 - progress, 0.0) / cooldown)
-    return factor
 
 
 class Training:

@@ -77,7 +77,8 @@ class ResidualBlock(nn.Module):
             ACTIVATIONS[activation](),
             nn.Conv2d(out_ch, out_ch, 3, padding=1),
         )
-        # Zero at the start (as adaLN-Zero in DiT): a new block begins as the unconditioned one.
+        # Zero at the start: a new block begins with an unmodulated norm, as the plain block (DiT's
+        # adaLN-Zero goes further: it also zeroes a gate on the residual, making the block the identity).
         self.modulation = nn.Linear(cond_dim, 2 * out_ch) if cond_dim else None
         if self.modulation is not None:
             nn.init.zeros_(self.modulation.weight)
@@ -323,7 +324,10 @@ def check_image_size(image_size, num_levels):
 
 
 # Every key a config may hold; lib/checkpoint.py refuses others (written by a newer version).
+# What a checkpoint's config may hold: the network's keys, and the input scale of its space
+# (lib.normalization.model_stats), which travels with the weights trained in it.
 CONFIG_KEYS = {"image_size", "widths", "embedding_dim", "block_depth", "prediction", "num_classes", "classes"}
+CONFIG_KEYS |= {"input_scale"}
 CONFIG_KEYS |= set(NETWORK_OPTIONS)
 
 

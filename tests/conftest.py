@@ -98,3 +98,19 @@ def randomize_zeros(model):
         for p in model.parameters():
             if not p.any():
                 p.normal_(0, 0.1)
+
+
+def assert_same_state(path_a, path_b):
+    a = torch.load(path_a, weights_only=True)
+    b = torch.load(path_b, weights_only=True)
+    for k in a["ema"]:
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
+    for k in a["train"]["model"]:
+        assert torch.equal(a["train"]["model"][k], b["train"]["model"][k]), k
+    for sa, sb in zip(
+        a["train"]["optimizer"]["state"].values(), b["train"]["optimizer"]["state"].values(), strict=True
+    ):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    for k in ("epoch", "global_step", "best_loss", "bad_epochs"):
+        assert a["train"][k] == b["train"][k], k
+    assert [r["loss"] for r in a["train"]["log"]] == [r["loss"] for r in b["train"]["log"]]

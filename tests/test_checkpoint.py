@@ -4,11 +4,11 @@ import pickle
 import pytest
 import torch
 
-from conftest import DATA_ROOT, TINY
+from conftest import DATA_ROOT, ROOT, TINY
 from lib.checkpoint import load_model, make_checkpoint, read_checkpoint
 from lib.cli import UserError
 from lib.files import atomic_save
-from lib.normalization import FLOWERS_MEAN, FLOWERS_STD
+from lib.normalization import FLOWERS_MEAN, FLOWERS_STD, model_stats
 from lib.sample import generate, initial_noise
 from lib.unet import ResidualBlock, build_unet, model_config
 
@@ -140,6 +140,27 @@ def test_original_checkpoints_load_and_paint_the_same_images(tmp_path, preset):
     a = generate(loaded, noise, FLOWERS_MEAN, FLOWERS_STD, steps=3)
     b = generate(model, noise, FLOWERS_MEAN, FLOWERS_STD, steps=3)
     torch.testing.assert_close(a, b)
+
+
+def test_the_input_scale_in_its_own_key_paints_as_the_scale_folded_into_std(tmp_path):
+    """The shipped 128 px model keeps input_scale 0.5 in its config and the data's statistics in
+    norm; the same weights written the earlier way (std / 0.5 in norm, no key, as the file was
+    shipped before) paint the very same images, as exported files of that time still do."""
+    path = ROOT / "models" / "flowers128-v2-cond.pt"
+    now, ckpt = load_model(path)
+    assert ckpt["config"]["input_scale"] == 0.5
+    data = read_checkpoint(ROOT / "models" / "flowers64-v2-cond.pt")["norm"]
+    assert ckpt["norm"] == data  # the data's own statistics, those of the model it was tuned from
+    earlier = dict(ckpt, config={k: v for k, v in ckpt["config"].items() if k != "input_scale"})
+    earlier["norm"] = dict(data, std=[s / 0.5 for s in data["std"]])
+    torch.save(earlier, tmp_path / "earlier.pt")
+    before, old = load_model(tmp_path / "earlier.pt")
+    assert model_stats(old) == model_stats(ckpt)  # bit for bit: dividing by 0.5 is exact
+    noise = initial_noise(1, 32, seed=0)
+    labels, guided = torch.tensor([3]), dict(guidance=2.0)
+    a = generate(now, noise, *model_stats(ckpt), steps=2, labels=labels, **guided)
+    b = generate(before, noise, *model_stats(old), steps=2, labels=labels, **guided)
+    assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("name", ["model.pt", "model.safetensors"])

@@ -13,29 +13,13 @@ import torch
 from torch.utils.data import DataLoader
 
 import sd_train
-from conftest import ROOT, TINY, StopAfter, loss_curve, run_args
-from lib.checkpoint import make_checkpoint
+from conftest import ROOT, TINY, StopAfter, assert_same_state, loss_curve, run_args
+from lib.checkpoint import make_checkpoint, read_checkpoint
 from lib.data import _ignore_stop_signals, load_images, start_workers
-from lib.normalization import FLOWERS_MEAN, to_model_space
+from lib.normalization import FLOWERS_MEAN, model_stats, to_model_space
 from lib.run_folder import lock_run_folder
 from lib.runtime import pick_precision
 from lib.unet import build_unet
-
-
-def assert_same_state(path_a, path_b):
-    a = torch.load(path_a, weights_only=True)
-    b = torch.load(path_b, weights_only=True)
-    for k in a["ema"]:
-        assert torch.equal(a["ema"][k], b["ema"][k]), k
-    for k in a["train"]["model"]:
-        assert torch.equal(a["train"]["model"][k], b["train"]["model"][k]), k
-    for sa, sb in zip(
-        a["train"]["optimizer"]["state"].values(), b["train"]["optimizer"]["state"].values(), strict=True
-    ):
-        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
-    for k in ("epoch", "global_step", "best_loss", "bad_epochs"):
-        assert a["train"][k] == b["train"][k], k
-    assert [r["loss"] for r in a["train"]["log"]] == [r["loss"] for r in b["train"]["log"]]
 
 
 @pytest.mark.parametrize(
@@ -272,7 +256,7 @@ def test_init_from_starts_a_new_run_at_a_checkpoints_ema_weights(data_root, tmp_
     assert not (tmp_path / "x").exists()
 
 
-def test_input_scale_is_kept_as_a_larger_std(data_root, tmp_path, capsys):
+def test_input_scale_has_its_own_key_and_never_compounds(data_root, tmp_path, capsys):
     src = tmp_path / "src"
     assert sd_train.main(run_args(data_root, src, "--epochs", "1")) == 0
     norm = torch.load(src / "last.pt", weights_only=True)["norm"]
@@ -281,18 +265,50 @@ def test_input_scale_is_kept_as_a_larger_std(data_root, tmp_path, capsys):
     new = run_args(data_root, run, "--init-from", str(src / "last.pt"), "--image-size", "64")
     assert sd_train.main([*new, "--epochs", "1", "--input-scale", "0.5"]) == 0
     ckpt = torch.load(run / "last.pt", weights_only=True)
-    assert ckpt["norm"]["mean"] == norm["mean"]
-    assert ckpt["norm"]["std"] == pytest.approx([2 * s for s in norm["std"]])
-    # which is the image scaled by 1/2 in the model's space, so every sampler and loader runs as is
+    assert ckpt["norm"] == norm and ckpt["config"]["input_scale"] == 0.5  # norm: the data's own
+    assert ckpt["format"] == "flowers-ddim/3"  # readers that know no input scale refuse it
+    # the model's space is the normalized image times 1/2
     pixels = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
-    scaled = to_model_space(pixels, ckpt["norm"]["mean"], ckpt["norm"]["std"])
+    scaled = to_model_space(pixels, *model_stats(ckpt))
     assert torch.allclose(scaled, 0.5 * to_model_space(pixels, norm["mean"], norm["std"]), atol=1e-6)
-    # a resumed run keeps its std (not scaled again); the scale cannot change on resume
+    # a resumed run keeps it; it cannot change on resume
     assert sd_train.main(["--resume", str(run / "last.pt"), "--epochs", "2"]) == 0
-    assert torch.load(run / "last.pt", weights_only=True)["norm"] == ckpt["norm"]
+    again = torch.load(run / "last.pt", weights_only=True)
+    assert again["norm"] == norm and again["config"]["input_scale"] == 0.5
     capsys.readouterr()
     assert sd_train.main(["--resume", str(run / "last.pt"), "--epochs", "3", "--input-scale", "1"]) == 2
     assert "--input-scale cannot change on --resume (the run used 0.5)" in capsys.readouterr().err
+    # a second fine-tune: the scale is absolute (given again or not), never 0.5 x 0.5
+    for i, flags in enumerate([["--input-scale", "0.5"], []]):
+        out = tmp_path / f"again{i}"
+        argv = run_args(data_root, out, "--init-from", str(run / "last.pt"), "--image-size", "64")
+        assert sd_train.main([*argv, "--epochs", "1", *flags]) == 0
+        second = torch.load(out / "last.pt", weights_only=True)
+        assert second["norm"] == norm and second["config"]["input_scale"] == 0.5
+    # back to 1: the key leaves the config (the original's configs stay as they were)
+    argv = run_args(data_root, tmp_path / "one", "--init-from", str(run / "last.pt"), "--image-size", "64")
+    assert sd_train.main([*argv, "--epochs", "1", "--input-scale", "1"]) == 0
+    assert "input_scale" not in torch.load(tmp_path / "one" / "last.pt", weights_only=True)["config"]
+
+
+def test_a_training_state_with_the_scale_folded_into_std_reads_as_before(data_root, tmp_path):
+    # last.pt files written before the key existed: std / b in norm, b only in the saved flags
+    run = tmp_path / "run"
+    new = run_args(data_root, run, "--epochs", "1", "--input-scale", "0.5")
+    assert sd_train.main(new) == 0
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    old = dict(ckpt, config={k: v for k, v in ckpt["config"].items() if k != "input_scale"})
+    old["norm"] = dict(ckpt["norm"], std=[s / 0.5 for s in ckpt["norm"]["std"]])
+    old["format"] = "flowers-ddim/1"
+    torch.save(old, tmp_path / "old.pt")
+    read = read_checkpoint(tmp_path / "old.pt")
+    assert read["config"]["input_scale"] == 0.5
+    assert read["norm"]["std"] == pytest.approx(ckpt["norm"]["std"], rel=1e-12)
+    assert model_stats(read)[1] == pytest.approx(model_stats(ckpt)[1], rel=1e-12)
+    # and it resumes as the run it was
+    shutil.copy(tmp_path / "old.pt", run / "last.pt")
+    assert sd_train.main(["--resume", str(run / "last.pt"), "--epochs", "2"]) == 0
+    assert torch.load(run / "last.pt", weights_only=True)["config"]["input_scale"] == 0.5
 
 
 def test_resume_switching_loss_scaling_on(data_root, tmp_path):
