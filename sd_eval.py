@@ -94,9 +94,9 @@ FEW = 100  # images per side below which the scores are mostly noise
 
 def score(name, real, fake, args):
     """One output line per metric, naming the feature extractor and the sample sizes."""
-    if min(len(real), len(fake)) < 2:
+    if min(len(real), len(fake)) < 3:
         raise UserError(
-            f"{name}: KID and FID need at least 2 images on each side, got {len(fake)} vs {len(real)} real"
+            f"{name}: KID and FID need at least 3 images on each side, got {len(fake)} vs {len(real)} real"
         )
     if min(len(real), len(fake)) < FEW:
         print(
@@ -115,7 +115,9 @@ def score(name, real, fake, args):
 
 def explain_scores(num_fake, dims):
     """What the numbers on the score lines can and cannot say, printed once."""
-    print(f"KID's ± is one standard error over the {num_fake} scored images (another seed's draw).")
+    print(
+        f"KID's ± is one standard error of the score over the draw of its {num_fake} images (another --seed)."
+    )
     if num_fake <= dims:
         print(
             f"FID: {num_fake} images cannot fill a {dims}-d covariance (rank < {num_fake}): FID is biased "
@@ -128,7 +130,7 @@ def check_args(args):
         raise UserError("--checkpoint and --samples-dir are two things to score: choose one")
     if args.checkpoint is None and args.samples_dir is None and not args.floor:
         raise UserError("give --checkpoint or --samples-dir (or --floor alone)")
-    check_at_least(args, num_samples=2, batch_size=1, kid_subsets=1, kid_subset_size=2)
+    check_at_least(args, num_samples=3, batch_size=1, kid_subsets=1, kid_subset_size=3)
     check_at_least(args, num_workers=0, image_size=1)
     check_sampler_args(args)
     if args.guidance is not None and args.guidance < 0:

@@ -25,7 +25,7 @@ from lib.diffusion import PREDICTIONS
 from lib.run_folder import check_out_dir, lock_run_folder
 from lib.runtime import add_device_args, literal_precision, setup, tune_for_training
 from lib.samplers import MIN_EVALUATIONS, SAMPLERS
-from lib.schedule import total_steps
+from lib.schedule import budget_spent, trained_minutes
 from lib.trainer import TrainingRun
 from lib.unet import ACTIVATIONS, NETWORK_OPTIONS, PRESETS, build_unet, count_parameters, model_config
 
@@ -356,12 +356,11 @@ def check_resumable(path, ckpt, explicit, merged):
             f"{path} is at the end of epoch {state['epoch']} already: "
             f"pass --epochs N with N > {state['epoch']} to train on"
         )
-    budget = total_steps(merged.get("max_steps"), merged.get("max_minutes"), state.get("budget_rate"))
-    if budget is not None and state["global_step"] >= budget:
+    if budget_spent(state, merged.get("max_steps"), merged.get("max_minutes")):
         flag = "--max-steps" if merged.get("max_steps") else "--max-minutes"
         raise UserError(
-            f"{path} has trained {state['global_step']} steps already, its budget's {budget}: "
-            f"pass a larger {flag} to train on"
+            f"{path} has trained {state['global_step']} steps ({trained_minutes(state):.1f} minutes) "
+            f"already, its budget: pass a larger {flag} to train on"
         )
     if state["bad_epochs"] >= merged["early_stop"]:
         raise UserError(
@@ -391,7 +390,7 @@ def check_args(args, ctx, device):
     """One-line errors for values no run can use."""
     check_at_least(args, epochs=1, batch_size=1, save_every=1, sample_every=1, num_samples=1, sample_steps=1)
     check_at_least(args, num_workers=0, early_stop=1, lr_patience=0, min_lr=0.0)
-    check_at_least(args, eval_every=0, eval_samples=2, eval_steps=1)
+    check_at_least(args, eval_every=0, eval_samples=3, eval_steps=1)
     if not 0.0 < args.label_dropout < 1.0:  # guidance and class-free samples need the "no class" vector
         raise UserError(f"--label-dropout must be in (0, 1), got {args.label_dropout}")
     if args.class_cond and args.literal:

@@ -49,8 +49,8 @@ def min_snr_weight(noise_rate, signal_rate, gamma, prediction="eps"):
     loss that makes each level's loss min(SNR, gamma) times the squared error of x0 (with L1 the
     weight is the same, and no longer that product). The nearly clean levels, whose noise is hard
     to see and whose gradients conflict with the rest, count less. This schedule's SNR peaks at
-    0.95^2 / (1 - 0.95^2) = 9.26 (t = 0), so gamma 5 lowers the weight only for t < 0.083, to no
-    less than 0.54."""
+    0.95^2 / (1 - 0.95^2) = 9.26 (t = 0), so for noise prediction gamma 5 lowers the weight only
+    for t < 0.083, to no less than 0.54 (the v weight is below 1 at every t)."""
     snr = (signal_rate / noise_rate) ** 2
     return snr.clamp(max=gamma) / (snr if prediction == "eps" else snr + 1)
 

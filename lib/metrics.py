@@ -145,10 +145,14 @@ def kid(real, fake, num_subsets=100, subset_size=1000, seed=0):
     the delete-one jackknife over them (each fake image left out of every subset that holds it;
     Arvesen 1969 for U-statistics), combined with the Monte-Carlo error of the subset average.
     The std over subsets is no such error: with m = all the fake images every subset holds the
-    same fakes, and it measures only which real images were drawn."""
+    same fakes, and it measures only which real images were drawn. On Gaussian features the ±
+    matched the spread over new draws within 10% for m = all the fakes (sd_eval.py's 1000 and the
+    probe's 500 samples), and overstated it by 10-40% for m below that or for two identical
+    distributions (the jackknife is conservative there)."""
     m = min(subset_size, len(real), len(fake))
-    if m < 3:
+    if m < 3:  # leaving one out must leave a pair
         raise ValueError("KID needs at least 3 samples on each side")
+    real, fake = real.double(), fake.double()
     g = torch.Generator().manual_seed(seed)
     d, n = real.shape[1], len(fake)
     values = torch.zeros(num_subsets, dtype=torch.float64)

@@ -55,6 +55,21 @@ def total_steps(max_steps, max_minutes, rate):
     return None
 
 
+def trained_minutes(state):
+    """Minutes of training steps so far (data loading, checkpoints, grids and KIDs not counted),
+    from a run's progress counters."""
+    return (sum(row["seconds"] for row in state["log"]) + state["epoch_seconds"]) / 60
+
+
+def budget_spent(state, max_steps, max_minutes):
+    """Has a run with these progress counters (a checkpoint's "train") used up its step budget?
+    One whose rate was never timed (written before budgets were kept in steps) goes by minutes."""
+    total = total_steps(max_steps, max_minutes, state.get("budget_rate"))
+    if total is not None:
+        return state["global_step"] >= total
+    return bool(max_minutes) and trained_minutes(state) >= max_minutes
+
+
 def window_done(max_minutes, timed_steps, timed_seconds):
     """Has the session timed enough steps (after its first) to fix --max-minutes' length?"""
     window = min(BUDGET_WINDOW_SECONDS, BUDGET_WINDOW_SHARE * max_minutes * 60)

@@ -24,7 +24,7 @@ from lib.normalization import FLOWERS_MEAN, FLOWERS_STD, compute_stats, model_st
 from lib.run_folder import write_log
 from lib.runtime import sum_dtype
 from lib.sample import generate, initial_noise
-from lib.schedule import fix_rate, lr_factor, progress_at, total_steps, window_done
+from lib.schedule import fix_rate, lr_factor, progress_at, total_steps, trained_minutes, window_done
 from lib.training import Training, ema_decay_at
 from lib.unet import count_parameters
 
@@ -61,12 +61,6 @@ def add_loss(acc, loss):
     acc[1] += finite
     acc[2] = (acc[2] + 1) * ~finite
     acc[3] = torch.maximum(acc[3], acc[2])
-
-
-def trained_minutes(state):
-    """Minutes of training steps so far (data loading, checkpoints, grids and KIDs not counted),
-    from a run's progress counters."""
-    return (sum(row["seconds"] for row in state["log"]) + state["epoch_seconds"]) / 60
 
 
 def quiet(*args, **kwargs):
@@ -183,8 +177,10 @@ class TrainingRun:
         self.steps_per_epoch = steps = len(
             distributed.shard(torch.arange(self.n_images), args.batch_size, ctx)
         )
-        if args.eval_every > 0 and self.n_images < 2:
-            raise UserError("--eval-every needs at least 2 training images (KID compares two sets)")
+        if args.eval_every > 0 and self.n_images < 3:
+            raise UserError(
+                "--eval-every needs at least 3 training images (KID and its error compare two sets)"
+            )
         if steps == 0:
             raise UserError(
                 f"{self.n_images} image(s) make no batch for {ctx.world_size} processes: "

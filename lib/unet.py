@@ -323,12 +323,10 @@ def check_image_size(image_size, num_levels):
         )
 
 
-# Every key a config may hold; lib/checkpoint.py refuses others (written by a newer version).
-# What a checkpoint's config may hold: the network's keys, and the input scale of its space
-# (lib.normalization.model_stats), which travels with the weights trained in it.
+# Every key a config may hold (lib/checkpoint.py refuses others, written by a newer version): the
+# network's, and the input scale of the space its weights were trained in (model_stats).
 CONFIG_KEYS = {"image_size", "widths", "embedding_dim", "block_depth", "prediction", "num_classes", "classes"}
-CONFIG_KEYS |= {"input_scale"}
-CONFIG_KEYS |= set(NETWORK_OPTIONS)
+CONFIG_KEYS |= {"input_scale", *NETWORK_OPTIONS}
 
 
 def build_unet(cfg, literal=False):

@@ -60,7 +60,8 @@ def test_max_steps_reruns_bit_identical_on_a_loaded_machine(data_root, tmp_path,
     assert state["log"][0]["lr"] == pytest.approx(cosine_lr(3, 6))  # epoch 1's last step: step 3 of 6
     # the budget is spent: a resume needs a larger one, which extends the run
     assert sd_train.main(["--resume", str(tmp_path / "a" / "last.pt")]) == 2
-    assert "has trained 6 steps already, its budget's 6: pass a larger --max-steps" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "has trained 6 steps (" in err and "already, its budget: pass a larger --max-steps" in err
     assert sd_train.main(["--resume", str(tmp_path / "a" / "last.pt"), "--max-steps", "9"]) == 0
     assert torch.load(tmp_path / "a" / "last.pt", weights_only=True)["train"]["global_step"] == 9
 
@@ -97,7 +98,8 @@ def test_max_minutes_fixes_the_length_once_and_resumes_identically(data_root, tm
     assert state["log"][2]["lr"] == pytest.approx(3e-4 * lr_factor("cosine", 11, progress=11 / 12))
     capsys.readouterr()
     assert sd_train.main(["--resume", str(tmp_path / "b" / "last.pt")]) == 2
-    assert "12 steps already, its budget's 12: pass a larger --max-minutes" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "has trained 12 steps (" in err and "its budget: pass a larger --max-minutes" in err
 
 
 def test_a_resume_may_swap_the_kind_of_budget(data_root, tmp_path, capsys):
@@ -120,3 +122,18 @@ def test_bad_budgets_get_one_line(data_root, tmp_path, capsys, flags, message):
     assert sd_train.main(run_args(data_root, tmp_path, *flags)) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_a_run_whose_rate_was_never_timed_goes_by_its_minutes(data_root, tmp_path, capsys):
+    # 4 steps take far less than the timing window: the rate is not timed yet (as in checkpoints
+    # written before budgets were kept in steps, or a run stopped while timing)
+    assert sd_train.main(run_args(data_root, tmp_path, "--epochs", "1", "--max-minutes", "5")) == 0
+    state = torch.load(tmp_path / "last.pt", weights_only=True)["train"]
+    assert state["budget_rate"] is None
+    capsys.readouterr()
+    assert (
+        sd_train.main(["--resume", str(tmp_path / "last.pt"), "--epochs", "2", "--max-minutes", "1e-5"]) == 2
+    )
+    assert "pass a larger --max-minutes" in capsys.readouterr().err
+    assert sd_train.main(["--resume", str(tmp_path / "last.pt"), "--epochs", "2"]) == 0  # 5 minutes: on
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["train"]["global_step"] == 8

@@ -101,7 +101,7 @@ def test_a_failure_after_the_epoch_keeps_the_epoch(data_root, tmp_path, monkeypa
     assert saved(tmp_path / "last.pt")["epoch"] == 1  # written before the probe and the grid
 
 
-def test_kid_needs_two_training_images(data_root, tmp_path, capsys):
-    argv = run_args(data_root, tmp_path, "--epochs", "1", "--limit", "1", "--eval-every", "1", batch_size=1)
+def test_kid_needs_three_training_images(data_root, tmp_path, capsys):
+    argv = run_args(data_root, tmp_path, "--epochs", "1", "--limit", "2", "--eval-every", "1", batch_size=1)
     assert sd_train.main(argv) == 2
-    assert "--eval-every needs at least 2 training images" in capsys.readouterr().err
+    assert "--eval-every needs at least 3 training images" in capsys.readouterr().err
