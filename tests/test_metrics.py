@@ -207,7 +207,7 @@ def test_samples_dir_is_scored_at_the_samples_own_size(tmp_path, capsys):
     assert sd_eval.main([*argv, "--kid-subsets", "5"]) == 0
     out = capsys.readouterr().out
     assert "real: 24 images at 24 px" in out and "samples: KID" in out  # the real images made 24 px
-    assert "KID's ± is one standard error over the 24 scored images" in out
+    assert "KID's ± is one standard error of the score over the draw of its 24 images" in out
     assert "FID: 24 images cannot fill a 1280-d covariance" in out
     Image.new("RGB", (30, 24)).save(samples / "odd.png")  # one picture of another shape
     assert sd_eval.main(argv) == 2

@@ -15,7 +15,7 @@ def test_notebook_executes(tmp_path):
     nb = nbformat.read(ROOT / "notebook.ipynb", as_version=4)
     # Raises CellExecutionError, with the failing cell and its traceback, on the first error.
     NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+        nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
     ).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert sum(o.get("output_type") == "display_data" for o in outputs) >= 10  # the figures were drawn

@@ -66,7 +66,7 @@ def test_a_short_run_writes_every_output(data_root, tmp_path):
         assert (tmp_path / name).is_file(), name
     rows = list(csv.DictReader(open(tmp_path / "training_log.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert set(rows[0]) == {"epoch", "loss", "lr", "seconds", "images_per_s", "kid"}
+    assert set(rows[0]) == {"epoch", "loss", "lr", "seconds", "images_per_s", "kid", "kid_err"}
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["config"]["image_size"] == 32 and ckpt["train"]["epoch"] == 2
 
