@@ -1,13 +1,16 @@
 """The scripts that draw docs/ run and draw what they say."""
 
 import argparse
+import re
 import sys
 
 import numpy as np
 import torch
 from PIL import Image
 
+import sd_eval
 import sd_inference
+import sd_train
 from conftest import ROOT, TINY
 from lib.checkpoint import make_checkpoint
 from lib.files import atomic_save
@@ -78,3 +81,32 @@ def test_comparison_rows_are_what_sd_inference_paints(tmp_path, capsys):
     assert make_comparison.main(argv) == 0 and Image.open(out).size[0] > Image.open(out).size[1]
     assert make_comparison.main([*argv, "--titles", "one"]) == 2
     assert "1 titles for 2 checkpoints" in capsys.readouterr().err
+
+
+def pages():
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_readme_stays_a_short_guide():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+
+
+def test_every_relative_link_and_image_resolves():
+    for page in pages():
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if not target.startswith(("http://", "https://", "#")):
+                assert (page.parent / target.split("#")[0]).exists(), f"{page.name}: {target}"
+
+
+def test_commands_in_the_pages_name_flags_the_scripts_know():
+    parsers = {"sd_train.py": sd_train.get_parser(), "sd_inference.py": sd_inference.get_parser()}
+    parsers |= {"sd_eval.py": sd_eval.get_parser()}
+    for page in pages():
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.S):
+            for command in block.replace("\\\n", " ").splitlines():
+                words = command.split("#")[0].split()
+                if len(words) > 1 and words[0] == "python" and words[1] in parsers:
+                    known = parsers[words[1]]._option_string_actions
+                    for word in words[2:]:
+                        flag = word.split("=")[0]
+                        assert not flag.startswith("--") or flag in known, f"{page.name}: {words[1]} {flag}"
