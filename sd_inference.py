@@ -155,7 +155,7 @@ def checkpoint_path(arg):
             f"the shipped model {DEFAULT_CHECKPOINT} is not there yet; train one with "
             "`python sd_train.py --preset flowers64-v2 --recipe improved --class-cond "
             "--data-root <folder with flowers-102/>` "
-            "and pass --checkpoint output_sd/best.pt (README, The shipped models: how the 128 px "
+            "and pass --checkpoint output_sd/best.pt (docs/models.md: how the 128 px "
             "one was made)"
         )
     return DEFAULT_CHECKPOINT

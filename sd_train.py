@@ -1,7 +1,7 @@
 """Train the diffusion model on Flowers102 or a folder of your own pictures.
 
     python sd_train.py                                   # the original: sd128, 500 epochs (needs a GPU)
-    python sd_train.py --preset flowers64 --data-root ../shared/data --flip
+    python sd_train.py --preset flowers64 --data-root data --download --flip
     python sd_train.py --resume output_sd/last.pt        # continue an interrupted run
 
 Every epoch writes last.pt (and best.pt on a new best loss), a CSV row and the loss curve; every
@@ -35,7 +35,7 @@ PATHS = ("out_dir", "data_root", "image_dir", "cache_dir", "init_from")
 
 # What --recipe sets: each entry is also a flag of its own, which overrides it when given.
 RECIPES = {
-    # The original repo's (SPEC.md): Adam at 3e-4 with ReduceLROnPlateau, L1 on the noise, an EMA
+    # The original repo's: Adam at 3e-4 with ReduceLROnPlateau, L1 on the noise, an EMA
     # of 0.999 from the first step, its published per-channel statistics, no flips.
     "original": dict(
         lr=3e-4,
@@ -52,7 +52,7 @@ RECIPES = {
         norm_stats="original",
         flip=False,
     ),
-    # More flowers per CPU-hour: what the equal-time study in README ("Training recipes") kept.
+    # More flowers per CPU-hour: what the equal-time study (docs/recipes.md) kept.
     "improved": dict(
         lr=1e-3,
         optimizer="adamw",
@@ -84,7 +84,7 @@ def get_parser():
         "--preset", default="sd128", choices=sorted(PRESETS), help="network and image size (lib/unet.py)"
     )
     p.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
-    add_network_args(p.add_argument_group("network (the preset's unless given; README: Training recipes)"))
+    add_network_args(p.add_argument_group("network (the preset's unless given; docs/recipes.md)"))
     add_data_args(p.add_argument_group("data"))
     add_budget_args(p.add_argument_group("how long to train (the first budget reached ends the run)"))
     add_recipe_args(p.add_argument_group("optimisation (--recipe sets those marked so; a flag overrides it)"))
@@ -289,7 +289,7 @@ def add_output_args(p):
         "--sampler",
         default="ddim",
         choices=SAMPLERS,
-        help="of the sample grids and the KID probe (ddim: the original's; README: Samplers)",
+        help="of the sample grids and the KID probe (ddim: the original's; docs/sampling.md)",
     )
     p.add_argument(
         "--eval-every",

@@ -1,6 +1,6 @@
 """Speed of the original's way (literal path) against this repo's fast path, in one process.
 
-    python benchmarks/benchmark.py --data-root ../shared/data
+    python benchmarks/benchmark.py --data-root data
 
 For each preset, in alternating rounds (so drifts in clock speed or load hit both sides alike):
   train   images/s of full optimisation steps on real Flowers102 batches, loader included

@@ -2,11 +2,11 @@
 scales, from the same noise and with the real images' classes (a seeded draw), scored for quality
 (KID, FID [efficientnet-lite0]) and class fidelity (top-1, top-5 of sd_eval.py's linear probe).
 
-    python benchmarks/guidance.py --data-root ../shared/data \
+    python benchmarks/guidance.py --data-root data \
         --scales 0 1 1.5 2 3 5
 
 Scale 0 is the model without a class (its unconditional samples), 1 the plain conditional model.
-Prints a Markdown table for README (Class-conditional models).
+Prints a Markdown table (docs/sampling.md has the last one).
 """
 
 import sys

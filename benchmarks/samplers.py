@@ -1,10 +1,10 @@
 """Quality against network evaluations: every sampler at every evaluation count, one model, the
 same noise, one table (KID and FID [efficientnet-lite0], seconds of sampling on this machine).
 
-    python benchmarks/samplers.py --data-root ../shared/data \
+    python benchmarks/samplers.py --data-root data \
         --samplers ddim dpm++2m heun --evaluations 5 10 20 50
 
-Prints a Markdown table for README (Samplers). --spacing compares the time grids of the
+Prints a Markdown table (docs/sampling.md has the last one). --spacing compares the time grids of the
 second-order samplers (DDIM keeps its own, uniform in t). A class-conditional model samples the
 real images' classes (a seeded draw) at --guidance, as sd_eval.py does; a guided evaluation is one
 network call on a batch of two.

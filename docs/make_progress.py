@@ -1,4 +1,4 @@
-"""Lay the epoch grids of a training run side by side, in one row (the README's docs/progress.png).
+"""Lay the epoch grids of a training run side by side, in one row (docs/progress.png and its kin).
 
     python docs/make_progress.py runs/flowers64 --epochs 1 10 50 100 170 --out docs/progress.png
 

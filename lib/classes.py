@@ -8,7 +8,7 @@ import torch
 from lib.cli import UserError
 
 # The classifier-free guidance scale that sd_inference, sd_eval and the training-time grids and
-# KID probe use for a class-conditional model unless told otherwise: README's guidance sweep.
+# KID probe use for a class-conditional model unless told otherwise: the guidance sweep in docs/sampling.md.
 GUIDANCE = 2.0
 
 

@@ -5,7 +5,7 @@ the convolutions. Eager PyTorch writes a convolution's output and reads it back 
 or the residual add; oneDNN can apply either as a post-op while the output is still in cache
 (`mkldnn._convolution_pointwise`, the op inductor emits for CPU inference). That op has no
 autograd formula, so each pairing below is an autograd.Function whose backward is exactly the
-unfused ops' backward. It pays off in bf16 only (README, "Speed", has the figures).
+unfused ops' backward. It pays off in bf16 only (docs/speed.md has the figures).
 """
 
 import functools

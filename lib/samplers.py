@@ -19,7 +19,7 @@ from lib.cli import UserError
 from lib.diffusion import MAX_SIGNAL_RATE, MIN_SIGNAL_RATE, ddim_sample, denoise, diffusion_schedule
 
 SPACINGS = ("uniform-t", "lambda", "edm")
-DEFAULT_SPACING = "lambda"  # measured against the others: README, Samplers
+DEFAULT_SPACING = "lambda"  # measured against the others: docs/sampling.md
 
 
 def sigma_of_t(t):
@@ -144,7 +144,7 @@ def add_sampler_args(p):
         "--sampler",
         default="ddim",
         choices=SAMPLERS,
-        help="ddim (the original's), or the second-order dpm++2m and heun (README: Samplers)",
+        help="ddim (the original's), or the second-order dpm++2m and heun (docs/sampling.md)",
     )
     p.add_argument("--steps", type=int, default=20, help="network evaluations (heun: 2 per step + 1)")
     p.add_argument(

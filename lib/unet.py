@@ -23,7 +23,7 @@ PRESETS = {
     # The original's four down levels at a quarter of its parameters (16,329,347; its widths halved):
     # 128 px trained on one GPU in minutes, 33 MB in fp16, small enough to ship in the repo.
     "flowers128": dict(image_size=128, widths=(32, 64, 128, 256, 512), embedding_dim=32, block_depth=2),
-    # flowers64's widths with the network levers of README's study switched on (NETWORK_OPTIONS).
+    # flowers64's widths with the recipe study's network levers on (NETWORK_OPTIONS; docs/recipes.md).
     "flowers64-v2": dict(
         image_size=64,
         widths=(32, 64, 96, 128),
@@ -244,7 +244,7 @@ class UNet(nn.Module):
         3. on a CPU in bf16 the blocks run their convolutions fused with LeakyReLU and the
            residual add (lib/cpu_fusion.py; a SiLU runs on its own).
         tests/test_unet.py checks 1 and 2 (outputs and gradients against _forward_literal, fp64),
-        tests/test_cpu_fusion.py checks 3; README's "Speed" says what each saves.
+        tests/test_cpu_fusion.py checks 3; docs/speed.md says what each saves.
         """
         w0 = self.widths[0]
         adapt = self.down_blocks[0].residual_blocks[0].channel_adaptation

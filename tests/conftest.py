@@ -1,5 +1,6 @@
 """Shared test helpers. Tests run on the CPU; those that need Flowers102 read it from
-$FLOWERS_ROOT (a folder holding flowers-102/), by default ../shared/data beside the repo."""
+$FLOWERS_ROOT (a folder holding flowers-102/), else from data/ (where --download puts it), else
+from ../shared/data beside the repo (the CI machine's copy), and skip without it."""
 
 import os
 from pathlib import Path
@@ -13,7 +14,10 @@ from lib.training import Training
 ROOT = Path(__file__).resolve().parents[1]
 # The shipped unconditional model (the original's recipe): the notebook's, and the tests' real one.
 ORIGINAL_RECIPE = ROOT / "models" / "flowers64-original-recipe.pt"
-DATA_ROOT = Path(os.environ.get("FLOWERS_ROOT", ROOT.parent / "shared" / "data"))
+_ROOTS = [ROOT / "data", ROOT.parent / "shared" / "data"]
+DATA_ROOT = Path(
+    os.environ.get("FLOWERS_ROOT") or next((p for p in _ROOTS if (p / "flowers-102").is_dir()), _ROOTS[0])
+)
 # A network small enough to train for a few hundred steps inside a test (32x32, 2 levels).
 TINY = dict(image_size=32, widths=[16, 32, 64], embedding_dim=16, block_depth=1)
 

@@ -4,7 +4,7 @@ import pickle
 import pytest
 import torch
 
-from conftest import DATA_ROOT, ROOT, TINY
+from conftest import ROOT, TINY
 from lib.checkpoint import load_model, make_checkpoint, read_checkpoint
 from lib.cli import UserError
 from lib.files import atomic_save
@@ -106,11 +106,8 @@ def test_weights_that_do_not_fit_the_config(tmp_path):
 
 
 def test_original_layout_matches_the_published_key_list():
-    keys_file = DATA_ROOT.parent / "original_checkpoint_keys.txt"
-    if not keys_file.is_file():
-        pytest.skip("../shared/original_checkpoint_keys.txt is absent")
     expected = {}
-    for line in keys_file.read_text().splitlines():
+    for line in (ROOT / "tests" / "original_checkpoint_keys.txt").read_text().splitlines():
         if line and not line.startswith("#"):
             name, dtype, shape = line.split("\t")
             expected[name] = (dtype, shape.replace(" ", "").rstrip(",)").lstrip("(") or "")
@@ -248,3 +245,14 @@ def test_export_cli_never_drops_a_training_state(tmp_path, capsys):
     assert "is not a checkpoint" in capsys.readouterr().err
     assert read_checkpoint(tmp_path / "other.pt")["train"] == {"epoch": 9}
     assert (tmp_path / "notes.md").read_text() == "mine"
+
+
+def test_shipped_models_hold_no_training_state():
+    """models/ ships what painting needs: a training state (optimizer, EMA and RNG states: three
+    to four times the weights) would stay in every clone's history for good."""
+    shipped = sorted((ROOT / "models").glob("*.pt"))
+    assert shipped
+    for path in shipped:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        assert set(ckpt) == {"format", "config", "norm", "ema"}, path.name
+        assert path.stat().st_size < 16e6, path.name

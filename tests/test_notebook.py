@@ -6,12 +6,13 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from conftest import ORIGINAL_RECIPE, ROOT
+from conftest import DATA_ROOT, ORIGINAL_RECIPE, ROOT
 
 
-def test_notebook_executes(tmp_path):
+def test_notebook_executes(tmp_path, monkeypatch):
     if not ORIGINAL_RECIPE.is_file():
         pytest.skip(f"the notebook's model {ORIGINAL_RECIPE} is absent")
+    monkeypatch.setenv("FLOWERS_ROOT", str(DATA_ROOT.resolve()))  # the kernel inherits it
     nb = nbformat.read(ROOT / "notebook.ipynb", as_version=4)
     # Raises CellExecutionError, with the failing cell and its traceback, on the first error.
     NotebookClient(

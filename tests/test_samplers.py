@@ -67,7 +67,7 @@ def test_other_grids_converge_to_the_same_image(sampler, spacing):
 def test_second_order_beats_ddim(spacing, heun_gain):
     # DPM-Solver++ at half DDIM's evaluations; Heun, whose Euler predictions from sigma = 50 are
     # coarse, at equal evaluations once there are enough of them. (On this Gaussian the uniform-t
-    # grid is the more accurate; on the flowers the lambda grid scores better: README, Samplers.)
+    # grid is the more accurate; on the flowers the lambda grid scores better: docs/sampling.md.)
     assert error(dpmpp_2m_sample, 10, 1.0, spacing=spacing) < error(ddim_sample, 20, 1.0) / 4
     assert error(heun_sample, 17, 1.0, spacing=spacing) < error(ddim_sample, 17, 1.0) / heun_gain
 

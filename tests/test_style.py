@@ -15,7 +15,7 @@ CODE = ["lib/*.py", "sd_*.py", "benchmarks/*.py", "docs/*.py"]
 
 @pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["lint", "format"])
 def test_ruff_is_clean(command):
-    """`ruff check .` and `ruff format --check .` at the pinned version (requirements.txt)."""
+    """`ruff check .` and `ruff format --check .` at the pinned version (requirements-dev.txt)."""
     done = subprocess.run(
         [sys.executable, "-m", "ruff", *command, "--no-cache", "."], cwd=ROOT, capture_output=True, text=True
     )
