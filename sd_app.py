@@ -5,7 +5,10 @@ them from noise, with the model loaded once.
     python sd_app.py --checkpoint runs/x/best.pt --port 8000
 
 The page and everything it needs are served from this machine (no CDN): it works offline. The
-model answers one request at a time, in turn (one lock); bad input gets a message and a 4xx
+model answers one request at a time, in turn (one lock); at most MAX_PENDING requests are held
+(painting or waiting), and the next ones get 503 with Retry-After at once, so a flood of requests
+costs neither memory nor an unbounded wait. Each request's work is capped (MAX_WORK), and a
+drawing's size is checked from its header before it is decoded. Bad input gets a message and a 4xx
 status, and the server keeps serving. Nothing a client sends is used as a file path.
 """
 
@@ -31,15 +34,21 @@ from lib.data import resize_crop, to_rgb
 from lib.metrics import to_uint8
 from lib.normalization import model_stats
 from lib.runtime import add_device_args, setup
-from lib.sample import generate, initial_noise, sketch_per_seed
+from lib.sample import generate, initial_noise, sketch_per_seed, sketch_steps
 from lib.samplers import MIN_EVALUATIONS, SAMPLERS
 from sd_inference import DEFAULT_CHECKPOINT, checkpoint_path
 
 PAGE = Path(__file__).resolve().parent / "web"
 MAX_REQUEST = 4 * 2**20  # bytes; a drawing as a PNG data URL is tens of KB
-MAX_PIXELS = 2048 * 2048  # a drawing's size, read before decoding it (no decompression bombs)
+# A drawing's sides, read from its header before decoding: a 12 KB PNG can claim 4,194,304 x 1 pixels,
+# and a thin one is resized to a long strip before the centre crop.
+MAX_SIDE, MAX_ASPECT = 2048, 4
 DRAWING_FORMATS = ["PNG", "JPEG", "WEBP", "BMP", "GIF"]  # Pillow's others (EPS: Ghostscript) stay out
 MAX_IMAGES, MAX_STEPS, MAX_GUIDANCE = 8, 100, 20.0
+# A request's work: results x network evaluations, a guided evaluation counting two (its batch is
+# twice the size). 400 lets the page's most results (8) take 25 guided steps.
+MAX_WORK = 400
+MAX_PENDING = 4  # requests held at once, the one painting included; more get 503 at once
 
 
 class BadRequest(ValueError):
@@ -66,9 +75,13 @@ def read_drawing(data_url, size):
         raise BadRequest("drawing must be an image as a data URL (data:image/png;base64,...)")
     try:
         raw = base64.b64decode(data_url.partition("base64,")[2], validate=True)
-        with Image.open(io.BytesIO(raw), formats=DRAWING_FORMATS) as img:
-            if img.width * img.height > MAX_PIXELS:
-                raise BadRequest(f"the drawing is {img.width}x{img.height}: at most 2048x2048, please")
+        with Image.open(io.BytesIO(raw), formats=DRAWING_FORMATS) as img:  # reads the header only
+            w, h = img.size
+            if max(w, h) > MAX_SIDE or max(w, h) > MAX_ASPECT * min(w, h):
+                raise BadRequest(
+                    f"the drawing is {w}x{h}: each side at most {MAX_SIDE} pixels and at most "
+                    f"{MAX_ASPECT} times the other, please"
+                )
             return resize_crop(size)(to_rgb(img))[None]
     except BadRequest:
         raise
@@ -76,6 +89,20 @@ def read_drawing(data_url, size):
         raise BadRequest(
             "the drawing is not an image this server can read (PNG, JPEG, WebP, BMP, GIF)"
         ) from None
+
+
+def work(sampler, steps, num_images, strength, guidance, drawing, labels, **_):
+    """A request's network evaluations, results x steps (a guided one counting two) -> the count,
+    or BadRequest over MAX_WORK."""
+    evaluations = steps if drawing is None else sketch_steps(strength, steps, sampler)
+    guided = labels is not None and guidance not in (0, 1)
+    total = num_images * evaluations * (2 if guided else 1)
+    if total > MAX_WORK:
+        raise BadRequest(
+            f"{num_images} results x {evaluations} steps{' x 2 (guidance)' if guided else ''} = {total} "
+            f"network evaluations: at most {MAX_WORK} a request; ask for fewer results or steps"
+        )
+    return total
 
 
 def data_url(image):
@@ -86,7 +113,8 @@ def data_url(image):
 
 
 class Painter:
-    """The model, loaded once, and the lock that has requests sampled one at a time."""
+    """The model, loaded once; the lock that has requests sampled one at a time, and the slots
+    that bound how many are held."""
 
     def __init__(self, checkpoint, device="cpu", precision="fp32"):
         self.model, ckpt = load_model(checkpoint, device)
@@ -95,6 +123,9 @@ class Painter:
         self.size, self.precision = ckpt["config"]["image_size"], precision
         self.classes = ckpt["config"].get("classes", [])
         self.lock = threading.Lock()
+        self.slots = threading.BoundedSemaphore(MAX_PENDING)
+        self.queued_work, self.seconds_per_work = 0, 0.0  # for Retry-After: the held work's seconds
+        self.queue_lock = threading.Lock()
 
     def info(self):
         """What the page needs to build its controls."""
@@ -104,6 +135,7 @@ class Painter:
             samplers={name: MIN_EVALUATIONS[name] for name in SAMPLERS},
             max_images=MAX_IMAGES,
             max_steps=MAX_STEPS,
+            max_work=MAX_WORK,
             guidance=GUIDANCE,
         )
 
@@ -119,11 +151,14 @@ class Painter:
             num_images=number(body, "num_images", 4, int, 1, MAX_IMAGES),
             strength=number(body, "strength", 0.6, float, 0.05, 1.0),
             guidance=number(body, "guidance", GUIDANCE, float, 0.0, MAX_GUIDANCE),
-            drawing=None if body.get("drawing") is None else read_drawing(body["drawing"], self.size),
+            drawing=body.get("drawing"),
             labels=None,
         )
         if body.get("class") not in (None, ""):
             opts["labels"] = spread([self.class_index(body["class"])], opts["num_images"])
+        work(**opts)  # refuses too much work before the drawing is decoded
+        if opts["drawing"] is not None:
+            opts["drawing"] = read_drawing(opts["drawing"], self.size)
         return opts
 
     def class_index(self, value):
@@ -148,19 +183,45 @@ class Painter:
         return chosen[0]
 
     def paint(self, sampler, steps, seed, num_images, strength, guidance, drawing, labels):
-        """-> (num_images, 3, S, S) floats: from the drawing (one result per seed, seed + i, as
-        sd_inference.py --init-image), or from noise."""
+        """-> ((num_images, 3, S, S) floats, seconds waiting for the model, seconds painting):
+        from the drawing (one result per seed, seed + i, as sd_inference.py --init-image), or from
+        noise."""
         common = dict(sampler=sampler, precision=self.precision, guidance=guidance)
-        with self.lock:
-            if drawing is None:
-                noise = initial_noise(num_images, self.size, seed)
-                return generate(
-                    self.model, noise, self.mean, self.std, steps, seed=seed, labels=labels, **common
-                )
-            rows = sketch_per_seed(
-                self.model, drawing, self.mean, self.std, strength, steps, seed, num_images, labels, **common
-            )
-            return torch.cat([result for _, result in rows])
+        cost = work(sampler, steps, num_images, strength, guidance, drawing, labels)
+        with self.queue_lock:
+            self.queued_work += cost
+        t0 = time.perf_counter()
+        try:
+            with self.lock:
+                t1 = time.perf_counter()
+                if drawing is None:
+                    noise = initial_noise(num_images, self.size, seed)
+                    images = generate(
+                        self.model, noise, self.mean, self.std, steps, seed=seed, labels=labels, **common
+                    )
+                else:
+                    _, images = sketch_per_seed(
+                        self.model,
+                        drawing,
+                        self.mean,
+                        self.std,
+                        strength,
+                        steps,
+                        seed,
+                        num_images,
+                        labels,
+                        **common,
+                    )
+                t2 = time.perf_counter()
+        finally:
+            with self.queue_lock:
+                self.queued_work -= cost
+        self.seconds_per_work = (t2 - t1) / cost
+        return images, t1 - t0, t2 - t1
+
+    def retry_after(self):
+        """Seconds until the held requests are likely done (at least 1): the Retry-After of a 503."""
+        return max(1, math.ceil(self.queued_work * self.seconds_per_work))
 
 
 def create_app(painter):
@@ -180,13 +241,19 @@ def create_app(painter):
         body = request.get_json(silent=True)
         if not isinstance(body, dict):
             return jsonify(error="send the settings as a JSON object"), 400
+        if not painter.slots.acquire(blocking=False):  # held ones decode and wait; the rest go at once
+            wait = painter.retry_after()
+            reply = jsonify(error=f"the server is busy with other drawings: try again in {wait} s")
+            return reply, 503, {"Retry-After": str(wait)}
         try:
-            options = painter.options(body)
+            images, waited, painted = painter.paint(**painter.options(body))
         except BadRequest as e:
             return jsonify(error=str(e)), 400
-        t0 = time.perf_counter()
-        images = painter.paint(**options)
-        return jsonify(images=[data_url(img) for img in images], seconds=round(time.perf_counter() - t0, 3))
+        finally:
+            painter.slots.release()
+        return jsonify(
+            images=[data_url(img) for img in images], waited=round(waited, 3), seconds=round(painted, 3)
+        )
 
     @app.errorhandler(HTTPException)
     def http_error(e):  # 404, 405, 413 (MAX_REQUEST) ...: a JSON message the page can show

@@ -167,10 +167,11 @@ def sketch(model, ckpt, drawing, args, precision):
     mean, std = model_stats(ckpt)
     labels, names = class_labels(args, ckpt)
     options = sampling_options(args, precision, labels)
-    rows = sketch_per_seed(
+    noisy, results = sketch_per_seed(
         model, drawing, mean, std, args.strength, args.steps, args.seed, args.num_images, **options
     )
-    panels = torch.cat([torch.cat([drawing.float() / 255, noisy, result]) for noisy, result in rows])
+    rows = zip(noisy.split(1), results.split(1), strict=True)
+    panels = torch.cat([torch.cat([drawing.float() / 255, x_t, result]) for x_t, result in rows])
     labels = [
         caption
         for i in range(args.num_images)
@@ -181,7 +182,7 @@ def sketch(model, ckpt, drawing, args, precision):
         )
     ]
     fig_args = dict(title=f"Sketch to image (strength {args.strength})", cols=3, labels=labels)
-    return torch.cat([result for _, result in rows]), panels, fig_args
+    return results, panels, fig_args
 
 
 def paint(model, ckpt, args, precision):

@@ -87,37 +87,43 @@ def interpolation_noise(image_size, seed, frames):
 
 
 @torch.inference_mode()
-def sketch_to_image(model, images, mean, std, strength=0.6, steps=20, seed=0, **options):
+def sketch_to_image(model, images, mean, std, strength=0.6, steps=20, seed=0, eps=None, **options):
     """SDEdit (Meng et al. 2022): noise uint8 images (N, 3, S, S) to t = strength, denoise from
     there. -> (noisy images, results), both float in [0, 1] on the CPU. strength 1 starts from
     t = 1, where 2% of the signal (the schedule's floor) is still the picture's: nearly plain
     sampling; near 0 the input comes back nearly unchanged. The sampler takes
     round(strength * steps) evaluations (at least the sampler's minimum), so the steps are about
-    as long as in plain sampling. options: generate()'s (eta, precision, sampler, labels, ...)."""
+    as long as in plain sampling. eps: the noise (N, 3, S, S), by default drawn from `seed`.
+    options: generate()'s (eta, precision, sampler, labels, ...)."""
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
-    eps = initial_noise(images.shape[0], images.shape[-1], seed)
+    if eps is None:
+        eps = initial_noise(images.shape[0], images.shape[-1], seed)
     x_t = add_noise(to_model_space(images, mean, std), strength, eps)
-    minimum = MIN_EVALUATIONS[options.get("sampler", "ddim")]
-    steps = max(minimum, round(strength * steps))
-    results = generate(model, x_t, mean, std, steps=steps, seed=seed, t_start=strength, **options)
+    results = generate(
+        model,
+        x_t,
+        mean,
+        std,
+        steps=sketch_steps(strength, steps, options.get("sampler", "ddim")),
+        seed=seed,
+        t_start=strength,
+        **options,
+    )
     return to_image_space(x_t, mean, std), results
 
 
-def sketch_per_seed(model, images, mean, std, strength, steps, seed, n, labels=None, **options):
-    """n SDEdit results of the same drawing, each from its own noise (seeds seed, seed + 1, ...);
-    labels (n,) or None -> a list of n (noisy image, result) pairs (sketch_to_image's)."""
-    return [
-        sketch_to_image(
-            model,
-            images,
-            mean,
-            std,
-            strength,
-            steps,
-            seed + i,
-            labels=None if labels is None else labels[i : i + 1],
-            **options,
-        )
-        for i in range(n)
-    ]
+def sketch_steps(strength, steps, sampler="ddim"):
+    """The network evaluations of an SDEdit run from t = strength: its share of `steps`."""
+    return max(MIN_EVALUATIONS[sampler], round(strength * steps))
+
+
+def sketch_per_seed(model, image, mean, std, strength, steps, seed, n, labels=None, **options):
+    """n SDEdit results of one drawing (1, 3, S, S), each from the noise of its own seed (seed,
+    seed + 1, ...), as sketch_to_image of that seed alone paints it (at eta 0, up to the float
+    rounding of another batch size), sampled as one batch.
+    labels (n,) or None -> (noisy images, results), each (n, 3, S, S). With eta > 0 the fresh
+    noise of all n comes from `seed` (generate())."""
+    eps = torch.cat([initial_noise(1, image.shape[-1], seed + i) for i in range(n)])
+    images = image.expand(n, -1, -1, -1)
+    return sketch_to_image(model, images, mean, std, strength, steps, seed, eps=eps, labels=labels, **options)

@@ -16,11 +16,12 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import sd_app
 from conftest import ORIGINAL_RECIPE, ROOT, TINY
 from lib.checkpoint import make_checkpoint
 from lib.files import atomic_save
 from lib.unet import build_unet
-from sd_app import MAX_REQUEST, Painter, create_app, serve
+from sd_app import MAX_PENDING, MAX_REQUEST, MAX_WORK, Painter, create_app, serve
 from sd_inference import checkpoint_path
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -80,7 +81,12 @@ def test_the_page_and_its_settings_are_served(client):
         (dict(sampler="euler"), 400, "sampler must be one of ddim"),
         (dict(drawing="data:image/png;base64,aGVsbG8="), 400, "not an image this server can read"),
         (dict(drawing="../../etc/passwd"), 400, "not an image this server can read"),
-        (dict(drawing=png_url(Image.new("RGB", (5000, 5000)))), 400, "at most 2048x2048"),
+        (dict(drawing=png_url(Image.new("RGB", (5000, 5000)))), 400, "each side at most 2048 pixels"),
+        (dict(drawing=png_url(Image.new("1", (200_000, 20)))), 400, "the drawing is 200000x20"),
+        (dict(drawing=png_url(Image.new("1", (4_194_304, 1)))), 400, "each side at most 2048"),
+        (dict(drawing=png_url(Image.new("RGB", (2000, 400)))), 400, "at most 4 times the other"),
+        (dict(num_images=8, steps=51), 400, "8 results x 51 steps = 408 network evaluations: at most 400"),
+        (dict(drawing=drawn(), num_images=8, steps=100, strength=0.6), 400, "x 60 steps = 480"),
         (dict(sampler=["ddim"]), 400, "sampler must be one of"),
         (dict(guidance=1e400), 400, "guidance must be a number"),
         (dict(drawing=5), 400, "drawing must be an image as a data URL"),
@@ -112,6 +118,31 @@ def test_oversized_and_odd_requests(client):
     assert client.get("/etc/passwd").status_code == 404
 
 
+def test_a_drawing_too_thin_or_too_large_is_refused_from_its_header(client, monkeypatch):
+    def never(*args):
+        raise AssertionError("the drawing was decoded")
+
+    monkeypatch.setattr(sd_app, "to_rgb", never)
+    for size in [(200_000, 20), (4_194_304, 1), (3000, 3000)]:
+        reply = client.post("/api/paint", json=dict(drawing=png_url(Image.new("1", size))))
+        assert reply.status_code == 400 and "each side at most" in reply.json["error"]
+    assert client.post("/api/paint", json=dict(num_images=8, steps=51)).status_code == 400  # before decoding
+
+
+def test_a_request_reports_its_wait_and_its_painting_apart(client):
+    reply = client.post("/api/paint", json=dict(num_images=1, steps=2)).json
+    assert reply["waited"] >= 0 and reply["seconds"] > 0
+
+
+def test_work_counts_results_steps_and_guidance():
+    common = dict(sampler="ddim", steps=20, num_images=4, strength=0.5, guidance=2.0)
+    assert sd_app.work(**common, drawing=None, labels=None) == 80
+    assert sd_app.work(**common, drawing=None, labels=torch.zeros(4)) == 160  # a guided step: two
+    assert sd_app.work(**{**common, "guidance": 1.0}, drawing=None, labels=torch.zeros(4)) == 80
+    assert sd_app.work(**common, drawing="png", labels=None) == 40  # from t = 0.5: half the steps
+    assert sd_app.work(**{**common, "num_images": 8, "steps": 50}, drawing=None, labels=None) == MAX_WORK
+
+
 def test_a_conditional_model_paints_the_class_asked_for(tmp_path):
     torch.manual_seed(0)
     cfg = dict(TINY, num_classes=2, classes=["rose", "tulip"])
@@ -141,20 +172,21 @@ def server():
     srv.server_close()
 
 
-def post(port, body):
-    """-> (status, JSON reply) of a POST /api/paint over a real socket."""
+def post(port, body, headers=False):
+    """-> (status, JSON reply[, headers]) of a POST /api/paint over a real socket."""
     conn = HTTPConnection("127.0.0.1", port, timeout=120)
     conn.request("POST", "/api/paint", body=body, headers={"Content-Type": "application/json"})
     reply = conn.getresponse()
-    return reply.status, json.loads(reply.read())
+    answer = reply.status, json.loads(reply.read())
+    return (*answer, dict(reply.getheaders())) if headers else answer
 
 
-def test_eight_requests_at_once_are_all_answered_as_one_by_one(server):
-    bodies = [json.dumps(dict(num_images=2, steps=3, seed=seed)) for seed in range(8)]
-    with ThreadPoolExecutor(8) as pool:
+def test_as_many_requests_at_once_as_are_held_are_all_answered_as_one_by_one(server):
+    bodies = [json.dumps(dict(num_images=2, steps=3, seed=seed)) for seed in range(MAX_PENDING)]
+    with ThreadPoolExecutor(MAX_PENDING) as pool:
         together = list(pool.map(lambda body: post(server.server_port, body), bodies))
     alone = [post(server.server_port, body) for body in bodies]
-    assert [status for status, _ in together] == [200] * 8
+    assert [status for status, _ in together] == [200] * MAX_PENDING
     assert [reply["images"] for _, reply in together] == [reply["images"] for _, reply in alone]
 
 
@@ -164,7 +196,49 @@ def test_an_oversized_request_gets_its_413_over_a_real_socket(server):
     assert post(server.server_port, json.dumps(dict(num_images=1, steps=2)))[0] == 200
 
 
-def test_drawing_in_a_real_browser(server):
+def test_a_flood_of_the_largest_requests_is_answered_and_the_server_then_serves(tmp_path):
+    """50 at once of the most work a request may ask: each gets its flowers or a 503 with
+    Retry-After, never more than MAX_PENDING are held (so none waits longer than MAX_PENDING of
+    them take), and a normal request is served after."""
+    torch.manual_seed(0)
+    net = build_unet(TINY).eval()
+    atomic_save(make_checkpoint(TINY, [0.5] * 3, [0.25] * 3, net.state_dict()), tmp_path / "t.pt")
+    painter = Painter(tmp_path / "t.pt")
+    held, most, count = [0], [0], threading.Lock()
+    options = painter.options
+
+    def counted(body):  # runs in a held slot, before the wait for the model
+        with count:
+            held[0] += 1
+            most[0] = max(most[0], held[0])
+        try:
+            return options(body)
+        finally:
+            with count:
+                held[0] -= 1
+
+    painter.options = counted
+    srv = serve(painter, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        worst = json.dumps(dict(drawing=drawn(), num_images=8, steps=50, strength=1.0, sampler="heun"))
+        with ThreadPoolExecutor(50) as pool:
+            replies = list(pool.map(lambda _: post(srv.server_port, worst, headers=True), range(50)))
+        statuses = [status for status, _, _ in replies]
+        assert set(statuses) <= {200, 503} and 200 in statuses and 503 in statuses
+        for status, reply, headers in replies:
+            if status == 503:
+                assert "busy" in reply["error"] and int(headers["Retry-After"]) >= 1
+            else:
+                assert len(reply["images"]) == 8
+        assert most[0] <= MAX_PENDING
+        assert post(srv.server_port, json.dumps(dict(num_images=1, steps=2)))[0] == 200
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_drawing_in_a_real_browser(server, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -r requirements-dev.txt")
     if not shutil.which(CHROMIUM):
         pytest.skip("Chromium is not installed (apt-get install chromium)")
@@ -198,7 +272,8 @@ def test_drawing_in_a_real_browser(server):
         page.wait_for_function(
             "document.querySelectorAll('#results figure.result').length === 3", timeout=120_000
         )
-        page.screenshot(path=str(ROOT / "docs" / "app.png"), full_page=True)
+        # docs/app.png is this screenshot: APP_SCREENSHOT=docs/app.png python -m pytest -k browser
+        page.screenshot(path=os.environ.get("APP_SCREENSHOT", str(tmp_path / "app.png")), full_page=True)
         drawn_results = page.eval_on_selector_all(
             "#results figure.result img", "imgs => imgs.map(i => i.src)"
         )
@@ -218,3 +293,12 @@ def test_drawing_in_a_real_browser(server):
         page.click("#random")
         page.wait_for_function("document.getElementById('message').textContent.includes('steps must be')")
         browser.close()
+
+
+def test_the_docs_state_the_limits_the_code_holds():
+    text = (ROOT / "docs" / "app.md").read_text()
+    side, aspect = sd_app.MAX_SIDE, sd_app.MAX_ASPECT
+    assert f"each side at most {side} pixels and at most {aspect} times the other" in text
+    assert f"results x network evaluations at most {MAX_WORK}" in text
+    assert f"| requests held | {MAX_PENDING} (503" in text
+    assert f"| request | {MAX_REQUEST // 2**20} MB" in text

@@ -11,7 +11,7 @@ from conftest import TINY
 from lib.data import load_image
 from lib.diffusion import add_noise
 from lib.normalization import to_model_space
-from lib.sample import generate, initial_noise, interpolation_noise, sketch_to_image, slerp
+from lib.sample import generate, initial_noise, interpolation_noise, sketch_per_seed, sketch_to_image, slerp
 from lib.unet import build_unet
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.2]
@@ -58,6 +58,17 @@ def test_strength_one_is_plain_sampling_of_the_noised_drawing():
     x1 = add_noise(to_model_space(drawing, MEAN, STD), 1.0, initial_noise(1, 32, 7))
     torch.testing.assert_close(result, generate(model, x1, MEAN, STD, steps=4))  # same steps, same times
     assert (noisy - drawing.float() / 255).abs().mean() > 0.2  # t=1: 2% of the drawing is left
+
+
+def test_several_seeds_in_one_batch_paint_what_each_seed_paints_alone():
+    model, drawing = tiny_model(), torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    noisy, results = sketch_per_seed(model, drawing, MEAN, STD, 0.7, 6, seed=3, n=3, sampler="dpm++2m")
+    assert results.shape == noisy.shape == (3, 3, 32, 32)
+    for i in range(3):
+        alone = sketch_to_image(model, drawing, MEAN, STD, 0.7, 6, seed=3 + i, sampler="dpm++2m")
+        torch.testing.assert_close(noisy[i : i + 1], alone[0])
+        torch.testing.assert_close(results[i : i + 1], alone[1], atol=1e-5, rtol=1e-5)  # batch rounding
+    assert (results[0] - results[1]).abs().mean() > 0.01  # each seed its own noise
 
 
 def test_lower_strength_starts_later_with_steps_of_the_same_length():
