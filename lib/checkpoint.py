@@ -216,15 +216,12 @@ def load_model(path, device="cpu", image_size=None):
     return as_noise_predictor(model, prediction).to(device).eval(), ckpt
 
 
-def export_weights(src, dst):
-    """Write the inference part of a checkpoint (config, normalization, EMA weights): a few MB
-    instead of the tens that the training state adds. Original-format files come out in ours;
-    a dst named *.safetensors is written as safetensors."""
+def replaceable(src, dst):
+    """Refuse (UserError) to write a model derived from src over src itself, over a file that is
+    not a checkpoint, or over a training state: the user's work is never lost."""
     if Path(dst).exists():
         if Path(dst).samefile(src):
-            raise UserError(
-                f"{dst} is the checkpoint being exported: writing it would drop its training state"
-            )
+            raise UserError(f"{dst} is the checkpoint read: write the new one to another file")
         try:
             there = read_checkpoint(dst)
         except UserError:
@@ -233,6 +230,13 @@ def export_weights(src, dst):
             ) from None
         if "train" in there:  # replacing an exported model (models/x.pt) is the normal case
             raise UserError(f"{dst} holds a training state (resumable): not replaced (choose another name)")
+
+
+def export_weights(src, dst):
+    """Write the inference part of a checkpoint (config, normalization, EMA weights): a few MB
+    instead of the tens that the training state adds. Original-format files come out in ours;
+    a dst named *.safetensors is written as safetensors."""
+    replaceable(src, dst)
     ckpt = read_checkpoint(src)
     load_model(src)  # refuse to export weights that do not fit their config
     weights = make_checkpoint(ckpt["config"], ckpt["norm"]["mean"], ckpt["norm"]["std"], ckpt["ema"])

@@ -1,0 +1,105 @@
+"""BatchNorm statistics for the averaged weights.
+
+Training keeps an EMA of the weights but copies BatchNorm's running statistics from the live
+network (as the original does), so the averaged network samples with statistics that other
+weights produced. A pass over training batches with the averaged weights, in train mode, with the
+statistics reset and averaged equally over the batches, gives it its own: the fix SWA applies to
+its averaged weights (Izmailov et al. 2018, sec. 3.2; torch.optim.swa_utils.update_bn). The
+batches are fed as in training: clean images noised at t ~ U(0, 1), and for a class-conditional
+network the images' classes, with the training's share dropped to "no class".
+
+    python -m lib.bn_stats models/flowers64-v2-cond.pt runs/bn/flowers64-v2-cond.pt --data-root data
+"""
+
+import sys
+
+import torch
+from torch.optim.swa_utils import update_bn
+
+from lib.checkpoint import load_model, make_checkpoint, replaceable
+from lib.cli import ArgumentParser, UserError, check_at_least, run_cli
+from lib.data import load_images, load_labelled_images
+from lib.diffusion import EpsFromV, diffusion_schedule
+from lib.files import atomic_save
+from lib.normalization import model_stats, to_model_space
+from lib.sample import num_classes
+
+
+class Noised(torch.nn.Module):
+    """The network fed as in training: a batch {"x0": uint8 images, "labels": classes or None}
+    in, noised at t ~ U(0, 1) with the given generator."""
+
+    def __init__(self, net, mean, std, generator, label_dropout=0.1):
+        super().__init__()
+        self.net, self.mean, self.std = net, mean, std
+        self.generator, self.label_dropout = generator, label_dropout
+
+    def forward(self, batch):
+        device = next(self.net.parameters()).device  # the draws stay on the CPU: any device, same batches
+        x0, labels = batch["x0"], batch["labels"]
+        t = torch.rand(x0.shape[0], 1, 1, 1, generator=self.generator)
+        eps = torch.randn(x0.shape, generator=self.generator)
+        noise_rate, signal_rate = diffusion_schedule(t)
+        x_t = signal_rate * to_model_space(x0, self.mean, self.std) + noise_rate * eps
+        noise_var = noise_rate.flatten() ** 2
+        if labels is None:
+            return self.net(x_t.to(device), noise_var.to(device))
+        dropped = torch.rand(labels.shape, generator=self.generator) < self.label_dropout
+        labels = torch.where(dropped, num_classes(self.net), labels)
+        return self.net(x_t.to(device), noise_var.to(device), labels.to(device))
+
+
+@torch.no_grad()
+def recompute_bn_stats(net, mean, std, images, labels=None, batches=50, batch_size=64, seed=0):
+    """Set net's BatchNorm running statistics to its own on `batches` random training batches:
+    each layer's mean and (unbiased) variance averaged equally over the batches. uint8 images
+    (N, 3, S, S); labels (N,) for a class-conditional net. The weights are left as they are; net
+    comes back in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    picked = torch.randperm(len(images), generator=g)[: batches * batch_size].split(batch_size)
+    loader = [dict(x0=images[i], labels=None if labels is None else labels[i]) for i in picked]
+    update_bn(loader, Noised(net, mean, std, g))
+    net.eval()
+
+
+def get_parser():
+    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("src", help="a checkpoint (any this repo reads)")
+    p.add_argument("dst", help="the new checkpoint: src's config, normalization and EMA weights")
+    p.add_argument("--batches", type=int, default=50, help="training batches averaged over")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="of the batches, their noise and times")
+    p.add_argument("--data-root", default="data", help="folder that holds flowers-102/")
+    p.add_argument("--image-dir", default=None, help="the training images from this folder instead")
+    p.add_argument("--download", action="store_true", help="let torchvision download Flowers102")
+    p.add_argument("--cache-dir", default="cache", help="decoded images are cached here")
+    return p
+
+
+def run(args):
+    check_at_least(args, batches=1, batch_size=2)
+    replaceable(args.src, args.dst)
+    model, ckpt = load_model(args.src)
+    net = model.net if isinstance(model, EpsFromV) else model
+    size, data = ckpt["config"]["image_size"], dict(data_root=args.data_root, image_dir=args.image_dir)
+    if ckpt["config"].get("num_classes"):
+        images, labels, _ = load_labelled_images(
+            size, download=args.download, cache_dir=args.cache_dir, **data
+        )
+    else:
+        images, labels = load_images(size, download=args.download, cache_dir=args.cache_dir, **data), None
+    if len(images) < args.batch_size:
+        raise UserError(f"{len(images)} images are fewer than one batch of {args.batch_size}")
+    mean, std = model_stats(ckpt)
+    recompute_bn_stats(model, mean, std, images, labels, args.batches, args.batch_size, args.seed)
+    norm = ckpt["norm"]
+    atomic_save(make_checkpoint(ckpt["config"], norm["mean"], norm["std"], net.state_dict()), args.dst)
+    print(f"wrote {args.dst}: BatchNorm statistics from {args.batches} batches of {args.batch_size}")
+
+
+def main(argv=None):
+    return run_cli(run, get_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
