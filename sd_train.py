@@ -21,13 +21,21 @@ from lib import distributed
 from lib.checkpoint import load_model, read_checkpoint
 from lib.cli import ArgumentParser, StopRequest, UserError, check_at_least, run_cli
 from lib.data import image_labels
-from lib.diffusion import PREDICTIONS
+from lib.diffusion import PREDICTIONS, SIGNAL_RATES
 from lib.run_folder import check_out_dir, lock_run_folder
 from lib.runtime import add_device_args, literal_precision, setup, tune_for_training
 from lib.samplers import MIN_EVALUATIONS, SAMPLERS
 from lib.schedule import budget_spent, trained_minutes
 from lib.trainer import TrainingRun
-from lib.unet import ACTIVATIONS, NETWORK_OPTIONS, PRESETS, build_unet, count_parameters, model_config
+from lib.unet import (
+    ACTIVATIONS,
+    NETWORK_OPTIONS,
+    PRESETS,
+    build_unet,
+    check_signal_rates,
+    count_parameters,
+    model_config,
+)
 
 ONE_SHOT = ("resume", "overwrite", "dry_run")  # flags that --resume does not take from the saved run
 # Saved absolute: a resume may run elsewhere.
@@ -165,6 +173,16 @@ def add_data_args(p):
         help="multiply the normalized images by this (Chen 2023): below 1 the same noise level hides "
         "more, as larger images need; 0.5 for twice the side (Hoogeboom et al. 2023). Default 1, or "
         "the --init-from checkpoint's; kept in the checkpoint's config",
+    )
+    p.add_argument(
+        "--signal-rates",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("AT_0", "AT_1"),
+        help="the noise schedule's ends: the signal rate at t=0 (the least noise trained and the "
+        "sampler's last step) and at t=1. Default the original's 0.95 0.02, or the --init-from "
+        "checkpoint's (a fine-tune may move them); kept in the checkpoint's config",
     )
     p.add_argument("--num-workers", type=int, default=4, help="processes that decode the images")
     p.add_argument("--cache-dir", default=None, help="keep the decoded images in a file here for later runs")
@@ -344,6 +362,7 @@ def check_resumable(path, ckpt, explicit, merged):
         prediction=ckpt["config"].get("prediction", "eps"),
         class_cond="num_classes" in ckpt["config"],
         input_scale=ckpt["config"].get("input_scale", 1.0),
+        signal_rates=list(ckpt["config"].get("signal_rates", SIGNAL_RATES)),
         widths=ckpt["config"]["widths"],
         block_depth=ckpt["config"]["block_depth"],
         **{k: ckpt["config"].get(k, v) for k, v in NETWORK_OPTIONS.items()},
@@ -403,6 +422,11 @@ def check_args(args, ctx, device):
         raise UserError(f"--lr must be > 0, got {args.lr}")
     if args.input_scale is not None and not (math.isfinite(args.input_scale) and args.input_scale > 0):
         raise UserError(f"--input-scale must be a finite number > 0, got {args.input_scale}")
+    if args.signal_rates is not None:
+        try:
+            check_signal_rates(args.signal_rates)
+        except ValueError as e:
+            raise UserError(f"--signal-rates: {e}") from None
     if not 0.0 < args.lr_cooldown <= 1.0:
         raise UserError(f"--lr-cooldown must be in (0, 1], got {args.lr_cooldown}")
     if args.max_minutes is not None and not args.max_minutes > 0:
@@ -497,6 +521,10 @@ def new_config(args, init):
         cfg.pop("input_scale", None)
         if args.input_scale != 1.0:
             cfg["input_scale"] = args.input_scale
+    if args.signal_rates is not None:  # the schedule's ends travel with the weights, as the scale does
+        cfg.pop("signal_rates", None)
+        if tuple(args.signal_rates) != SIGNAL_RATES:
+            cfg["signal_rates"] = list(args.signal_rates)
     if args.class_cond:  # the names only: nothing decoded yet
         names = image_labels(args.data_root, args.image_dir, args.download)[1]
         if init and names != cfg["classes"]:

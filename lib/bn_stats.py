@@ -19,7 +19,7 @@ from torch.optim.swa_utils import update_bn
 from lib.checkpoint import load_model, make_checkpoint, replaceable
 from lib.cli import ArgumentParser, UserError, check_at_least, run_cli
 from lib.data import load_images, load_labelled_images
-from lib.diffusion import EpsFromV, diffusion_schedule
+from lib.diffusion import EpsFromV, diffusion_schedule, signal_rates_of
 from lib.files import atomic_save
 from lib.normalization import model_stats, to_model_space
 from lib.sample import num_classes
@@ -39,7 +39,7 @@ class Noised(torch.nn.Module):
         x0, labels = batch["x0"], batch["labels"]
         t = torch.rand(x0.shape[0], 1, 1, 1, generator=self.generator)
         eps = torch.randn(x0.shape, generator=self.generator)
-        noise_rate, signal_rate = diffusion_schedule(t)
+        noise_rate, signal_rate = diffusion_schedule(t, signal_rates_of(self.net))
         x_t = signal_rate * to_model_space(x0, self.mean, self.std) + noise_rate * eps
         noise_var = noise_rate.flatten() ** 2
         if labels is None:

@@ -38,7 +38,8 @@ from lib.unet import CONFIG_KEYS, NETWORK_OPTIONS, build_unet, check_image_size
 FORMAT = "flowers-ddim/1"
 # Each later format is written where the config holds what the readers of the earlier ones would
 # ignore, so that those refuse the file instead of sampling it wrongly: /2 a v-predicting or
-# class-conditional network, /3 network options (lib/unet.py's NETWORK_OPTIONS) or an input scale.
+# class-conditional network, /3 network options (lib/unet.py's NETWORK_OPTIONS), an input scale or
+# the schedule's ends (signal_rates; readers of /3 refuse config keys they do not know).
 FORMAT_2 = "flowers-ddim/2"
 FORMAT_3 = "flowers-ddim/3"
 FORMATS = (FORMAT, FORMAT_2, FORMAT_3)
@@ -47,7 +48,7 @@ ORIGINAL_IMAGE_SIZE = 128  # the original trained and sampled at 128 px only; it
 
 def checkpoint_format(config):
     """The oldest format whose readers build this config's network correctly."""
-    if any(k in config for k in (*NETWORK_OPTIONS, "input_scale")):
+    if any(k in config for k in (*NETWORK_OPTIONS, "input_scale", "signal_rates")):
         return FORMAT_3
     return FORMAT_2 if config.get("prediction", "eps") != "eps" or config.get("num_classes") else FORMAT
 
@@ -221,7 +222,7 @@ def replaceable(src, dst):
     not a checkpoint, or over a training state: the user's work is never lost."""
     if Path(dst).exists():
         if Path(dst).samefile(src):
-            raise UserError(f"{dst} is the checkpoint read: write the new one to another file")
+            raise UserError(f"{dst} is the checkpoint read: writing there would drop its training state")
         try:
             there = read_checkpoint(dst)
         except UserError:

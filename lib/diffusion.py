@@ -14,23 +14,35 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# The schedule's end points (the original's numbers): at t=0 the image keeps 95% of its signal,
-# at t=1 only 2%. Never reaching 100% or 0% keeps both the denoiser's division by signal_rate and
-# the loss at t=0 well conditioned.
-MAX_SIGNAL_RATE = 0.95
-MIN_SIGNAL_RATE = 0.02
+# The schedule's ends as the signal rates at t=0 and t=1; the original's: at t=0 the image keeps
+# 95% of its signal, at t=1 only 2%. Never reaching 100% or 0% keeps both the denoiser's division
+# by signal_rate and the loss at t=0 well conditioned. A network trained on other ends carries them
+# (checkpoint config "signal_rates", read back by signal_rates_of).
+SIGNAL_RATES = (0.95, 0.02)
 PREDICTIONS = ("eps", "v")  # what the network predicts: the noise (the original), or v
 
 
-def diffusion_schedule(t):
+def diffusion_schedule(t, signal_rates=SIGNAL_RATES):
     """t in [0, 1] (any shape) -> (noise_rate, signal_rate), with signal^2 + noise^2 = 1.
 
-    The angle moves linearly from acos(0.95) to acos(0.02): the cosine schedule of
-    Nichol & Dhariwal 2021, written as an angle as in the Keras DDIM example.
+    The angle moves linearly from acos(signal_rates[0]) to acos(signal_rates[1]) (0.95 and 0.02
+    by default): the cosine schedule of Nichol & Dhariwal 2021, written as an angle as in the
+    Keras DDIM example.
     """
-    start, end = math.acos(MAX_SIGNAL_RATE), math.acos(MIN_SIGNAL_RATE)
+    start, end = (math.acos(rate) for rate in signal_rates)
     angle = start + t * (end - start)
     return torch.sin(angle), torch.cos(angle)
+
+
+def signal_rates_of(model):
+    """The schedule's ends a network was trained on (its `signal_rates`), found through its
+    wrappers (Guided, EpsFromV, DDP, torch.compile); SIGNAL_RATES for a plain callable."""
+    while not hasattr(model, "signal_rates"):
+        inner = [getattr(model, name) for name in ("net", "module", "_orig_mod") if hasattr(model, name)]
+        if not inner:
+            return SIGNAL_RATES
+        model = inner[0]
+    return tuple(model.signal_rates)
 
 
 def denoise(model, x_t, noise_rate, signal_rate):
@@ -117,7 +129,7 @@ def training_loss(model, x0, generator=None, loss="l1", min_snr_gamma=0.0, predi
     b = x0.shape[0]
     t = torch.rand(b, 1, 1, 1, device=x0.device, generator=generator)
     eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
-    noise_rate, signal_rate = diffusion_schedule(t)
+    noise_rate, signal_rate = diffusion_schedule(t, signal_rates_of(model))
     x_t = signal_rate * x0 + noise_rate * eps
     out = (
         model(x_t, noise_rate.flatten() ** 2)
@@ -134,9 +146,9 @@ def training_loss(model, x0, generator=None, loss="l1", min_snr_gamma=0.0, predi
     return per_image.mean()
 
 
-def add_noise(x0, t, eps):
+def add_noise(x0, t, eps, signal_rates=SIGNAL_RATES):
     """The forward process: x_t = signal_rate(t) x0 + noise_rate(t) eps; t a float in [0, 1]."""
-    noise_rate, signal_rate = diffusion_schedule(torch.tensor(float(t), dtype=torch.float64))
+    noise_rate, signal_rate = diffusion_schedule(torch.tensor(float(t), dtype=torch.float64), signal_rates)
     return signal_rate.item() * x0 + noise_rate.item() * eps
 
 
@@ -156,18 +168,18 @@ def ddim_sample(model, noise, steps=20, eta=0.0, generator=None, t_start=1.0, on
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not 0.0 <= eta <= 1.0:  # past 1, sigma exceeds n' and its square root turns NaN
         raise ValueError(f"eta must be in [0, 1], got {eta}")
-    b = noise.shape[0]
+    b, rates = noise.shape[0], signal_rates_of(model)
     step_size = t_start / steps
     x_t = noise
     for i in range(steps):
         t = torch.full((b, 1, 1, 1), t_start - i * step_size, device=noise.device, dtype=noise.dtype)
-        noise_rate, signal_rate = diffusion_schedule(t)
+        noise_rate, signal_rate = diffusion_schedule(t, rates)
         eps, x0 = denoise(model, x_t, noise_rate, signal_rate)
         if on_step is not None:
             on_step(t.flatten()[0].item(), x_t, x0)
         if i == steps - 1:
             break
-        next_noise_rate, next_signal_rate = diffusion_schedule(t - step_size)
+        next_noise_rate, next_signal_rate = diffusion_schedule(t - step_size, rates)
         if eta > 0:
             sigma = (
                 eta * (next_noise_rate / noise_rate) * torch.sqrt(1 - (signal_rate / next_signal_rate) ** 2)

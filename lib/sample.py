@@ -2,7 +2,7 @@
 
 import torch
 
-from lib.diffusion import Guided, add_noise
+from lib.diffusion import Guided, add_noise, signal_rates_of
 from lib.normalization import to_image_space, to_model_space
 from lib.runtime import autocast
 from lib.samplers import MIN_EVALUATIONS, sample
@@ -99,7 +99,7 @@ def sketch_to_image(model, images, mean, std, strength=0.6, steps=20, seed=0, ep
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     if eps is None:
         eps = initial_noise(images.shape[0], images.shape[-1], seed)
-    x_t = add_noise(to_model_space(images, mean, std), strength, eps)
+    x_t = add_noise(to_model_space(images, mean, std), strength, eps, signal_rates_of(model))
     results = generate(
         model,
         x_t,

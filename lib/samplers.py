@@ -1,8 +1,8 @@
 """Second-order samplers of the probability-flow ODE, beside DDIM (lib/diffusion.py).
 
 Both take the network as a callable, as ddim_sample does, and count their cost in network
-evaluations (`steps`). They integrate the ODE from t_start down to t = 0, where the schedule
-still leaves noise_rate 0.31 (sigma = noise_rate / signal_rate = 0.33), and return the
+evaluations (`steps`). They integrate the ODE from t_start down to t = 0, where the original's
+schedule still leaves noise_rate 0.31 (sigma = noise_rate / signal_rate = 0.33), and return the
 denoiser's x0_hat there: the same end point DDIM reaches in the limit of many steps, since its
 last evaluation, at t = t_start / steps, tends to 0. So every sampler converges to one image.
 
@@ -16,24 +16,24 @@ import math
 import torch
 
 from lib.cli import UserError
-from lib.diffusion import MAX_SIGNAL_RATE, MIN_SIGNAL_RATE, ddim_sample, denoise, diffusion_schedule
+from lib.diffusion import SIGNAL_RATES, ddim_sample, denoise, diffusion_schedule, signal_rates_of
 
 SPACINGS = ("uniform-t", "lambda", "edm")
 DEFAULT_SPACING = "lambda"  # measured against the others: docs/sampling.md
 
 
-def sigma_of_t(t):
-    noise_rate, signal_rate = diffusion_schedule(torch.as_tensor(t, dtype=torch.float64))
+def sigma_of_t(t, signal_rates=SIGNAL_RATES):
+    noise_rate, signal_rate = diffusion_schedule(torch.as_tensor(t, dtype=torch.float64), signal_rates)
     return noise_rate / signal_rate
 
 
-def t_of_sigma(sigma):
+def t_of_sigma(sigma, signal_rates=SIGNAL_RATES):
     """The inverse of sigma_of_t: sigma = tan(angle), the angle linear in t."""
-    start, end = math.acos(MAX_SIGNAL_RATE), math.acos(MIN_SIGNAL_RATE)
+    start, end = (math.acos(rate) for rate in signal_rates)
     return (torch.atan(torch.as_tensor(sigma, dtype=torch.float64)) - start) / (end - start)
 
 
-def time_grid(t_start, points, spacing=DEFAULT_SPACING, rho=7.0):
+def time_grid(t_start, points, spacing=DEFAULT_SPACING, rho=7.0, signal_rates=SIGNAL_RATES):
     """`points` times from t_start down to 0 (float64). uniform-t: even steps in t, as DDIM takes;
     lambda: even steps in log sigma (DPM-Solver's choice); edm: sigma^(1/rho) even (Karras et
     al. 2022, eq. 5, rho = 7), short steps where the image is nearly clean."""
@@ -44,12 +44,12 @@ def time_grid(t_start, points, spacing=DEFAULT_SPACING, rho=7.0):
     u = torch.linspace(0, 1, points, dtype=torch.float64)
     if spacing == "uniform-t":
         return t_start * (1 - u)
-    sigma_max, sigma_min = sigma_of_t(t_start), sigma_of_t(0.0)
+    sigma_max, sigma_min = sigma_of_t(t_start, signal_rates), sigma_of_t(0.0, signal_rates)
     if spacing == "lambda":
         sigmas = torch.exp(torch.log(sigma_max) + u * (torch.log(sigma_min) - torch.log(sigma_max)))
     else:
         sigmas = (sigma_max ** (1 / rho) + u * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    t = t_of_sigma(sigmas)
+    t = t_of_sigma(sigmas, signal_rates)
     t[0], t[-1] = t_start, 0.0  # exact ends, whatever the round trip through atan left
     return t
 
@@ -57,7 +57,7 @@ def time_grid(t_start, points, spacing=DEFAULT_SPACING, rho=7.0):
 def _denoise_at(model, x_t, t, on_step):
     """eps_hat and x0_hat of the state x_t at time t (a float)."""
     t_full = torch.full((x_t.shape[0], 1, 1, 1), float(t), device=x_t.device, dtype=x_t.dtype)
-    eps, x0 = denoise(model, x_t, *diffusion_schedule(t_full))
+    eps, x0 = denoise(model, x_t, *diffusion_schedule(t_full, signal_rates_of(model)))
     eps = eps.to(x_t.dtype)  # a bf16 network output (autocast) would round Heun's slopes
     if on_step is not None:
         on_step(float(t), x_t, x0)
@@ -74,9 +74,9 @@ def heun_sample(model, noise, steps=20, t_start=1.0, on_step=None, spacing=DEFAU
     """
     if steps < 3:
         raise ValueError(f"heun needs at least 3 evaluations (one step of two, then x0_hat), got {steps}")
-    points = steps // 2 + 1
-    ts = time_grid(t_start, points, spacing)
-    noise_rates, signal_rates = diffusion_schedule(ts)
+    points, rates = steps // 2 + 1, signal_rates_of(model)
+    ts = time_grid(t_start, points, spacing, signal_rates=rates)
+    noise_rates, signal_rates = diffusion_schedule(ts, rates)
     sigmas, signal_rates, ts = (noise_rates / signal_rates).tolist(), signal_rates.tolist(), ts.tolist()
     y = noise / signal_rates[0]
     for i in range(points - 1):
@@ -102,8 +102,9 @@ def dpmpp_2m_sample(model, noise, steps=20, t_start=1.0, on_step=None, spacing=D
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    ts = time_grid(t_start, steps, spacing)
-    noise_rates, signal_rates = (r.tolist() for r in diffusion_schedule(ts))
+    rates = signal_rates_of(model)
+    ts = time_grid(t_start, steps, spacing, signal_rates=rates)
+    noise_rates, signal_rates = (r.tolist() for r in diffusion_schedule(ts, rates))
     lambdas = [math.log(s / n) for n, s in zip(noise_rates, signal_rates, strict=True)]
     x_t, x0_prev, h_prev = noise, None, None
     for i in range(steps):

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lib import cpu_fusion
+from lib.diffusion import SIGNAL_RATES
 
 # Every model-shaping default lives here. `image_size` is a property of the data the network is
 # trained on, not of the network (which is fully convolutional), but it travels with the preset.
@@ -324,18 +325,34 @@ def check_image_size(image_size, num_levels):
 
 
 # Every key a config may hold (lib/checkpoint.py refuses others, written by a newer version): the
-# network's, and the input scale of the space its weights were trained in (model_stats).
+# network's, the input scale of the space its weights were trained in (model_stats), and the
+# schedule's ends they were trained on (signal_rates).
 CONFIG_KEYS = {"image_size", "widths", "embedding_dim", "block_depth", "prediction", "num_classes", "classes"}
-CONFIG_KEYS |= {"input_scale", *NETWORK_OPTIONS}
+CONFIG_KEYS |= {"input_scale", "signal_rates", *NETWORK_OPTIONS}
+
+
+def check_signal_rates(rates):
+    """The schedule's ends (signal rate at t=0, at t=1) -> a tuple of two floats, or ValueError."""
+    try:
+        high, low = (float(r) for r in rates)
+    except (TypeError, ValueError):
+        raise ValueError(f"signal rates must be two numbers (at t=0, at t=1), got {rates!r}") from None
+    if not 0 < low < high < 1:
+        raise ValueError(f"signal rates must satisfy 0 < at t=1 < at t=0 < 1, got {high:g} and {low:g}")
+    return high, low
 
 
 def build_unet(cfg, literal=False):
     """The network a config describes; "num_classes" (absent: 0) makes it class-conditional, and
-    NETWORK_OPTIONS keys (absent: the original's) choose the departures from the original."""
+    NETWORK_OPTIONS keys (absent: the original's) choose the departures from the original. The
+    network carries the schedule's ends it is trained on ("signal_rates", absent: the original's),
+    which the loss and the samplers read (lib.diffusion.signal_rates_of)."""
     options = {k: cfg[k] for k in NETWORK_OPTIONS if k in cfg}
-    return UNet(
+    net = UNet(
         cfg["widths"], cfg["embedding_dim"], cfg["block_depth"], literal, cfg.get("num_classes", 0), **options
     )
+    net.signal_rates = check_signal_rates(cfg.get("signal_rates", SIGNAL_RATES))
+    return net
 
 
 def count_parameters(model):

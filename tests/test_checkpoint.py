@@ -7,6 +7,7 @@ import torch
 from conftest import ROOT, TINY
 from lib.checkpoint import load_model, make_checkpoint, read_checkpoint
 from lib.cli import UserError
+from lib.diffusion import signal_rates_of
 from lib.files import atomic_save
 from lib.normalization import FLOWERS_MEAN, FLOWERS_STD, model_stats
 from lib.sample import generate, initial_noise
@@ -256,3 +257,20 @@ def test_shipped_models_hold_no_training_state():
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         assert set(ckpt) == {"format", "config", "norm", "ema"}, path.name
         assert path.stat().st_size < 16e6, path.name
+
+
+def test_the_schedule_ends_round_trip_and_old_files_keep_the_originals(tmp_path):
+    cfg = dict(TINY, signal_rates=[0.999, 0.01])
+    torch.manual_seed(0)
+    net = build_unet(cfg)
+    atomic_save(make_checkpoint(cfg, [0.5] * 3, [0.25] * 3, net.state_dict()), tmp_path / "m.pt")
+    assert read_checkpoint(tmp_path / "m.pt")["format"] == "flowers-ddim/3"  # older readers refuse it
+    model, ckpt = load_model(tmp_path / "m.pt")
+    assert signal_rates_of(model) == (0.999, 0.01) and ckpt["config"]["signal_rates"] == [0.999, 0.01]
+    for shipped in sorted((ROOT / "models").glob("*.pt")):
+        model, ckpt = load_model(shipped)
+        assert "signal_rates" not in ckpt["config"] and signal_rates_of(model) == (0.95, 0.02)
+    bad = dict(TINY, signal_rates=[0.02, 0.95])
+    atomic_save(make_checkpoint(bad, [0.5] * 3, [0.25] * 3, net.state_dict()), tmp_path / "bad.pt")
+    with pytest.raises(UserError, match=r"unusable config .*signal rates must satisfy"):
+        load_model(tmp_path / "bad.pt")

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from lib.diffusion import (
-    MAX_SIGNAL_RATE,
-    MIN_SIGNAL_RATE,
+    SIGNAL_RATES,
     ddim_sample,
     denoise,
     diffusion_schedule,
@@ -25,7 +24,37 @@ def test_schedule_end_points_and_unit_norm():
     torch.testing.assert_close(
         angle.diff(), torch.full((100,), (math.acos(0.02) - math.acos(0.95)) / 100, dtype=torch.float64)
     )
-    assert (MAX_SIGNAL_RATE, MIN_SIGNAL_RATE) == (0.95, 0.02)
+    assert SIGNAL_RATES == (0.95, 0.02)
+
+
+def test_other_ends_move_the_end_points_and_keep_the_angle_linear():
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)
+    noise_rate, signal_rate = diffusion_schedule(t, (0.999, 0.01))
+    assert signal_rate[0].item() == pytest.approx(0.999, abs=1e-12)
+    assert signal_rate[-1].item() == pytest.approx(0.01, abs=1e-12)
+    angle = torch.atan2(noise_rate, signal_rate)
+    step = (math.acos(0.01) - math.acos(0.999)) / 10
+    torch.testing.assert_close(angle.diff(), torch.full((10,), step, dtype=torch.float64))
+
+
+def test_the_loss_trains_on_the_ends_the_network_carries():
+    """The noise levels a loss draws lie between the network's own ends."""
+
+    class Spy:
+        def __init__(self, signal_rates):
+            self.signal_rates, self.seen = signal_rates, []
+
+        def __call__(self, x_t, noise_var):
+            self.seen.append(noise_var)
+            return torch.zeros_like(x_t)
+
+    for rates in [SIGNAL_RATES, (0.999, 0.01)]:
+        model = Spy(rates)
+        for seed in range(20):
+            training_loss(model, torch.zeros(64, 3, 2, 2), torch.Generator().manual_seed(seed))
+        noise_var = torch.cat(model.seen)
+        lowest, highest = 1 - rates[0] ** 2, 1 - rates[1] ** 2
+        assert lowest <= noise_var.min() < lowest + 0.01 and highest - 0.01 < noise_var.max() <= highest
 
 
 def oracle_for(x0):

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from lib.diffusion import ddim_sample, diffusion_schedule
+from lib.diffusion import SIGNAL_RATES, ddim_sample, diffusion_schedule
 from lib.samplers import dpmpp_2m_sample, heun_sample, sigma_of_t, t_of_sigma, time_grid
 
 M, S0 = 0.3, 0.5  # the data's mean and standard deviation
@@ -20,22 +20,33 @@ def ideal_model(x_t, noise_var):
     return torch.sqrt(n2) * (x_t - s * M) / (s**2 * S0**2 + n2)
 
 
-def exact_end(noise, t_start):
+class Ideal:
+    """ideal_model on a schedule with other ends, as a network trained on them carries them."""
+
+    def __init__(self, signal_rates):
+        self.signal_rates = signal_rates
+
+    def __call__(self, x_t, noise_var):
+        return ideal_model(x_t, noise_var)
+
+
+def exact_end(noise, t_start, rates=SIGNAL_RATES):
     """The ODE from x_t at t_start to t = 0, then x0_hat there. In y = x_t / s the flow is linear:
     y - M scales by sqrt((S0^2 + sigma^2) / (S0^2 + sigma'^2)); the denoiser shrinks y - M by
     S0^2 / (S0^2 + sigma^2)."""
-    s_start = diffusion_schedule(torch.tensor(t_start, dtype=torch.float64))[1]
-    sig_a, sig_0 = sigma_of_t(t_start), sigma_of_t(0.0)
+    s_start = diffusion_schedule(torch.tensor(t_start, dtype=torch.float64), rates)[1]
+    sig_a, sig_0 = sigma_of_t(t_start, rates), sigma_of_t(0.0, rates)
     y0 = M + (noise / s_start - M) * torch.sqrt((S0**2 + sig_0**2) / (S0**2 + sig_a**2))
     return M + (y0 - M) * S0**2 / (S0**2 + sig_0**2)
 
 
-def error(sampler, steps, t_start, **kw):
+def error(sampler, steps, t_start, rates=SIGNAL_RATES, **kw):
     noise = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    out = sampler(ideal_model, noise, steps=steps, t_start=t_start, **kw)
-    return (out - exact_end(noise, t_start)).abs().max().item()
+    out = sampler(Ideal(rates), noise, steps=steps, t_start=t_start, **kw)
+    return (out - exact_end(noise, t_start, rates)).abs().max().item()
 
 
+@pytest.mark.parametrize("rates", [SIGNAL_RATES, (0.999, 0.01)])  # the original's ends, and closer to clean
 @pytest.mark.parametrize("t_start", [1.0, 0.6])
 @pytest.mark.parametrize(
     "sampler,counts,order,final",
@@ -45,12 +56,14 @@ def error(sampler, steps, t_start, **kw):
         (heun_sample, (33, 65, 129), 2, 1e-3),  # 2 per step + 1: 16, 32, 64 steps
     ],
 )
-def test_each_sampler_converges_with_its_order(sampler, counts, order, final, t_start):
+def test_each_sampler_converges_with_its_order(sampler, counts, order, final, t_start, rates):
     """Halving the steps cuts the error about 2x (first order) or 4x (second order). On DDIM's own
     grid, uniform in t: on the lambda grid the ratios reach 4 from above, more slowly."""
     grid = {} if sampler is ddim_sample else dict(spacing="uniform-t")
-    errors = [error(sampler, n, t_start, **grid) for n in counts]
-    assert errors[-1] < final, errors
+    errors = [error(sampler, n, t_start, rates, **grid) for n in counts]
+    # Ends closer to clean (sigma 0.045, not 0.33) bend the path more near t = 0, where a grid
+    # uniform in t steps as long as anywhere: the same order, from a larger error.
+    assert errors[-1] < final * (1 if rates == SIGNAL_RATES else 5), errors
     for coarse, fine in itertools.pairwise(errors):
         assert 0.75 * 2**order < coarse / fine < 1.35 * 2**order, errors
 

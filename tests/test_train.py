@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader
 
 import sd_train
 from conftest import ROOT, TINY, StopAfter, assert_same_state, loss_curve, run_args
-from lib.checkpoint import make_checkpoint, read_checkpoint
+from lib.checkpoint import load_model, make_checkpoint, read_checkpoint
 from lib.data import _ignore_stop_signals, load_images, start_workers
+from lib.diffusion import signal_rates_of
 from lib.normalization import FLOWERS_MEAN, model_stats, to_model_space
 from lib.run_folder import lock_run_folder
 from lib.runtime import pick_precision
@@ -291,6 +292,29 @@ def test_input_scale_has_its_own_key_and_never_compounds(data_root, tmp_path, ca
     assert "input_scale" not in torch.load(tmp_path / "one" / "last.pt", weights_only=True)["config"]
 
 
+def test_the_schedule_ends_travel_with_the_weights(data_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert sd_train.main(run_args(data_root, run, "--epochs", "1", "--signal-rates", "0.999", "0.01")) == 0
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["config"]["signal_rates"] == [0.999, 0.01] and ckpt["format"] == "flowers-ddim/3"
+    model, _ = load_model(run / "last.pt")
+    assert signal_rates_of(model) == (0.999, 0.01)
+    assert sd_train.main(["--resume", str(run / "last.pt"), "--epochs", "2"]) == 0  # kept on resume
+    assert torch.load(run / "last.pt", weights_only=True)["config"]["signal_rates"] == [0.999, 0.01]
+    capsys.readouterr()
+    assert (
+        sd_train.main(["--resume", str(run / "last.pt"), "--epochs", "3", "--signal-rates", "0.95", "0.02"])
+        == 2
+    )
+    assert "--signal-rates cannot change on --resume" in capsys.readouterr().err
+    # a fine-tune keeps them unless told, and may move them; the original's ends leave no key
+    for flags, expected in [([], [0.999, 0.01]), (["--signal-rates", "0.95", "0.02"], None)]:
+        out = tmp_path / f"ft{len(flags)}"
+        argv = run_args(data_root, out, "--init-from", str(run / "last.pt"), "--epochs", "1")
+        assert sd_train.main([*argv, *flags]) == 0
+        assert torch.load(out / "last.pt", weights_only=True)["config"].get("signal_rates") == expected
+
+
 def test_a_training_state_with_the_scale_folded_into_std_reads_as_before(data_root, tmp_path):
     # last.pt files written before the key existed: std / b in norm, b only in the saved flags
     run = tmp_path / "run"
@@ -393,6 +417,14 @@ def test_bad_inputs_exit_2_with_one_line(data_root, tmp_path, capsys):
         (run_args(data_root, tmp_path, "--lr", "-1"), "--lr must be > 0"),
         (run_args(data_root, tmp_path, "--input-scale", "0"), "--input-scale must be a finite number > 0"),
         (run_args(data_root, tmp_path, "--input-scale", "inf"), "--input-scale must be a finite number > 0"),
+        (
+            run_args(data_root, tmp_path, "--signal-rates", "0.5", "0.9"),
+            "--signal-rates: signal rates must satisfy",
+        ),
+        (
+            run_args(data_root, tmp_path, "--signal-rates", "1", "0.02"),
+            "--signal-rates: signal rates must satisfy",
+        ),
         (
             run_args(data_root, tmp_path, "--sampler", "heun", "--eval-steps", "2"),
             "must be >= 3 for --sampler heun",
