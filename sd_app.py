@@ -49,6 +49,9 @@ MAX_IMAGES, MAX_STEPS, MAX_GUIDANCE = 8, 100, 20.0
 # twice the size). 400 lets the page's most results (8) take 25 guided steps.
 MAX_WORK = 400
 MAX_PENDING = 4  # requests held at once, the one painting included; more get 503 at once
+# The page's live mode: one result after each stroke, at few evaluations (the Paint button keeps
+# the full settings).
+LIVE = dict(sampler="dpm++2m", steps=4)
 
 
 class BadRequest(ValueError):
@@ -137,6 +140,7 @@ class Painter:
             max_steps=MAX_STEPS,
             max_work=MAX_WORK,
             guidance=GUIDANCE,
+            live=LIVE,
         )
 
     def options(self, body):

@@ -68,6 +68,7 @@ def test_the_page_and_its_settings_are_served(client):
     assert b"<canvas" in client.get("/").data
     info = client.get("/api/info").json
     assert info["image_size"] == 64 and info["classes"] == [] and info["samplers"]["heun"] == 3
+    assert info["live"] == dict(sampler="dpm++2m", steps=4) and info["max_work"] == MAX_WORK
 
 
 @pytest.mark.parametrize(
@@ -292,6 +293,16 @@ def test_drawing_in_a_real_browser(server, tmp_path):
         page.fill("#steps", "0")
         page.click("#random")
         page.wait_for_function("document.getElementById('message').textContent.includes('steps must be')")
+        # Live mode: switched on, it paints the (blank) canvas; each stroke then paints again.
+        page.check("#live")
+        page.wait_for_function("window.livePictures === 1", timeout=120_000)
+        blank = page.get_attribute("#live-figure img", "src")
+        stroke("#e53935", ring)
+        page.wait_for_function("window.livePictures >= 2", timeout=120_000)
+        live = page.get_attribute("#live-figure img", "src")
+        print(f"live mode: a picture {page.evaluate('window.liveSeconds'):.2f} s after the stroke ended")
+        assert (decode(live).float() - decode(blank).float()).abs().mean() > 10  # the stroke mattered
+        assert page.text_content("#message") == ""
         browser.close()
 
 
