@@ -242,14 +242,15 @@ def create_app(painter):
 
     @app.post("/api/paint")
     def paint():
-        body = request.get_json(silent=True)
-        if not isinstance(body, dict):
-            return jsonify(error="send the settings as a JSON object"), 400
-        if not painter.slots.acquire(blocking=False):  # held ones decode and wait; the rest go at once
+        # Only held requests read their body, decode and wait; the rest are answered at once.
+        if not painter.slots.acquire(blocking=False):
             wait = painter.retry_after()
             reply = jsonify(error=f"the server is busy with other drawings: try again in {wait} s")
             return reply, 503, {"Retry-After": str(wait)}
         try:
+            body = request.get_json(silent=True)
+            if not isinstance(body, dict):
+                return jsonify(error="send the settings as a JSON object"), 400
             images, waited, painted = painter.paint(**painter.options(body))
         except BadRequest as e:
             return jsonify(error=str(e)), 400

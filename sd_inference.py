@@ -216,7 +216,7 @@ def class_labels(args, ckpt):
         )
     elif not names or args.guidance == 0:  # an unconditional model, or one asked for no class
         return None, None
-    elif args.init_image:  # result i has its own seed, --seed + i (sketch_per_seed), and class
+    elif args.init_image:  # result i has its own seed's noise, --seed + i (sketch_per_seed), and class
         classes = [drawn_classes(len(names), 1, args.seed + i)[0] for i in range(args.num_images)]
     else:  # the seed's noise, and one class for a whole interpolation strip
         classes = drawn_classes(len(names), 1 if args.interpolate else args.num_images, args.seed)

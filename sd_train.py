@@ -180,8 +180,8 @@ def add_data_args(p):
         nargs=2,
         default=None,
         metavar=("AT_0", "AT_1"),
-        help="the noise schedule's ends: the signal rate at t=0 (the least noise trained and the "
-        "sampler's last step) and at t=1. Default the original's 0.95 0.02, or the --init-from "
+        help="the noise schedule's ends: the signal rate at t=0 (the least noise trained, where "
+        "the ODE samplers end) and at t=1. Default the original's 0.95 0.02, or the --init-from "
         "checkpoint's (a fine-tune may move them); kept in the checkpoint's config",
     )
     p.add_argument("--num-workers", type=int, default=4, help="processes that decode the images")

@@ -50,25 +50,38 @@ class Noised(torch.nn.Module):
 
 
 @torch.no_grad()
-def recompute_bn_stats(net, mean, std, images, labels=None, batches=50, batch_size=64, seed=0):
-    """Set net's BatchNorm running statistics to its own on `batches` random training batches:
-    each layer's mean and (unbiased) variance averaged equally over the batches. uint8 images
-    (N, 3, S, S); labels (N,) for a class-conditional net. The weights are left as they are; net
-    comes back in eval mode."""
+def recompute_bn_stats(
+    net, mean, std, images, labels=None, batches=50, batch_size=64, seed=0, label_dropout=0.1
+):
+    """Set net's BatchNorm running statistics to its own on random training batches: each
+    layer's mean and (unbiased) variance averaged equally over the batches. uint8 images
+    (N, 3, S, S); labels (N,) for a class-conditional net. At most `batches` full batches, fewer
+    where the images run out first (a partial batch would weigh as much as a full one) -> the
+    batches used. The weights are left as they are; net comes back in eval mode."""
+    batches = min(batches, len(images) // batch_size)
+    if batches < 1:
+        raise ValueError(f"{len(images)} images are fewer than one batch of {batch_size}")
     g = torch.Generator().manual_seed(seed)
     picked = torch.randperm(len(images), generator=g)[: batches * batch_size].split(batch_size)
     loader = [dict(x0=images[i], labels=None if labels is None else labels[i]) for i in picked]
-    update_bn(loader, Noised(net, mean, std, g))
+    update_bn(loader, Noised(net, mean, std, g, label_dropout))
     net.eval()
+    return batches
 
 
 def get_parser():
-    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m lib.bn_stats", description=__doc__.split("\n")[0])
     p.add_argument("src", help="a checkpoint (any this repo reads)")
     p.add_argument("dst", help="the new checkpoint: src's config, normalization and EMA weights")
     p.add_argument("--batches", type=int, default=50, help="training batches averaged over")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="of the batches, their noise and times")
+    p.add_argument(
+        "--label-dropout",
+        type=float,
+        default=0.1,
+        help="class-conditional: the share of images fed without their class (the run's --label-dropout)",
+    )
     p.add_argument("--data-root", default="data", help="folder that holds flowers-102/")
     p.add_argument("--image-dir", default=None, help="the training images from this folder instead")
     p.add_argument("--download", action="store_true", help="let torchvision download Flowers102")
@@ -78,23 +91,34 @@ def get_parser():
 
 def run(args):
     check_at_least(args, batches=1, batch_size=2)
+    if not 0.0 <= args.label_dropout < 1.0:
+        raise UserError(f"--label-dropout must be in [0, 1), got {args.label_dropout}")
     replaceable(args.src, args.dst)
     model, ckpt = load_model(args.src)
     net = model.net if isinstance(model, EpsFromV) else model
     size, data = ckpt["config"]["image_size"], dict(data_root=args.data_root, image_dir=args.image_dir)
     if ckpt["config"].get("num_classes"):
-        images, labels, _ = load_labelled_images(
+        images, labels, names = load_labelled_images(
             size, download=args.download, cache_dir=args.cache_dir, **data
         )
+        if names != ckpt["config"]["classes"]:  # a label would index another class, or none
+            theirs, ours = ", ".join(ckpt["config"]["classes"][:3]), ", ".join(names[:3])
+            raise UserError(
+                f"the classes of {args.src} ({ckpt['config']['num_classes']}: {theirs}, ...) are not "
+                f"this data's ({len(names)}: {ours}, ...)"
+            )
     else:
         images, labels = load_images(size, download=args.download, cache_dir=args.cache_dir, **data), None
-    if len(images) < args.batch_size:
-        raise UserError(f"{len(images)} images are fewer than one batch of {args.batch_size}")
     mean, std = model_stats(ckpt)
-    recompute_bn_stats(model, mean, std, images, labels, args.batches, args.batch_size, args.seed)
+    try:
+        used = recompute_bn_stats(
+            model, mean, std, images, labels, args.batches, args.batch_size, args.seed, args.label_dropout
+        )
+    except ValueError as e:
+        raise UserError(str(e)) from None
     norm = ckpt["norm"]
     atomic_save(make_checkpoint(ckpt["config"], norm["mean"], norm["std"], net.state_dict()), args.dst)
-    print(f"wrote {args.dst}: BatchNorm statistics from {args.batches} batches of {args.batch_size}")
+    print(f"wrote {args.dst}: BatchNorm statistics from {used} batches of {args.batch_size}")
 
 
 def main(argv=None):

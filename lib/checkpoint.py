@@ -222,7 +222,9 @@ def replaceable(src, dst):
     not a checkpoint, or over a training state: the user's work is never lost."""
     if Path(dst).exists():
         if Path(dst).samefile(src):
-            raise UserError(f"{dst} is the checkpoint read: writing there would drop its training state")
+            raise UserError(
+                f"{dst} is the source: write to another file (this one, and any training state in it, stays)"
+            )
         try:
             there = read_checkpoint(dst)
         except UserError:

@@ -34,15 +34,22 @@ def diffusion_schedule(t, signal_rates=SIGNAL_RATES):
     return torch.sin(angle), torch.cos(angle)
 
 
-def signal_rates_of(model):
-    """The schedule's ends a network was trained on (its `signal_rates`), found through its
-    wrappers (Guided, EpsFromV, DDP, torch.compile); SIGNAL_RATES for a plain callable."""
-    while not hasattr(model, "signal_rates"):
+def unwrapped(model, attribute):
+    """The module inside model's wrappers (Guided, EpsFromV, DDP, torch.compile, ...) that holds
+    `attribute`, or None."""
+    while not hasattr(model, attribute):
         inner = [getattr(model, name) for name in ("net", "module", "_orig_mod") if hasattr(model, name)]
         if not inner:
-            return SIGNAL_RATES
+            return None
         model = inner[0]
-    return tuple(model.signal_rates)
+    return model
+
+
+def signal_rates_of(model):
+    """The schedule's ends a network was trained on (its `signal_rates`), through its wrappers;
+    SIGNAL_RATES for a callable that carries none (an oracle, a network of an older copy)."""
+    net = unwrapped(model, "signal_rates")
+    return SIGNAL_RATES if net is None else tuple(net.signal_rates)
 
 
 def denoise(model, x_t, noise_rate, signal_rate):

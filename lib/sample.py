@@ -2,7 +2,7 @@
 
 import torch
 
-from lib.diffusion import Guided, add_noise, signal_rates_of
+from lib.diffusion import Guided, add_noise, signal_rates_of, unwrapped
 from lib.normalization import to_image_space, to_model_space
 from lib.runtime import autocast
 from lib.samplers import MIN_EVALUATIONS, sample
@@ -60,10 +60,9 @@ def generate(
 
 
 def num_classes(model):
-    """The classes of a network, through its wrappers (EpsFromV); 0 if unconditional."""
-    while not hasattr(model, "num_classes") and hasattr(model, "net"):
-        model = model.net
-    return getattr(model, "num_classes", 0)
+    """The classes of a network, through its wrappers; 0 if unconditional."""
+    net = unwrapped(model, "num_classes")
+    return 0 if net is None else net.num_classes
 
 
 def slerp(z0, z1, alpha):

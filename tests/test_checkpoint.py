@@ -229,7 +229,7 @@ def test_export_cli_never_drops_a_training_state(tmp_path, capsys):
 
     tiny_checkpoint(tmp_path / "last.pt", train_state={"epoch": 3})
     assert main([str(tmp_path / "last.pt"), str(tmp_path / "." / "last.pt")]) == 2
-    assert "drop its training state" in capsys.readouterr().err
+    assert "is the source: write to another file" in capsys.readouterr().err
     assert read_checkpoint(tmp_path / "last.pt")["train"] == {"epoch": 3}
     (tmp_path / "file").write_text("a file, not a folder")
     assert main([str(tmp_path / "last.pt"), str(tmp_path / "file" / "m.pt")]) == 2
