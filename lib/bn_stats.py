@@ -19,15 +19,15 @@ from torch.optim.swa_utils import update_bn
 from lib.checkpoint import load_model, make_checkpoint, replaceable
 from lib.cli import ArgumentParser, UserError, check_at_least, run_cli
 from lib.data import load_images, load_labelled_images
-from lib.diffusion import EpsFromV, diffusion_schedule, signal_rates_of
+from lib.diffusion import EpsFromV, drop_labels, training_loss
 from lib.files import atomic_save
 from lib.normalization import model_stats, to_model_space
 from lib.sample import num_classes
 
 
 class Noised(torch.nn.Module):
-    """The network fed as in training: a batch {"x0": uint8 images, "labels": classes or None}
-    in, noised at t ~ U(0, 1) with the given generator."""
+    """The network fed as training feeds it (its classes dropped, then lib.diffusion's
+    training_loss noising): a batch {"x0": uint8 images, "labels": classes or None} in."""
 
     def __init__(self, net, mean, std, generator, label_dropout=0.1):
         super().__init__()
@@ -35,18 +35,11 @@ class Noised(torch.nn.Module):
         self.generator, self.label_dropout = generator, label_dropout
 
     def forward(self, batch):
-        device = next(self.net.parameters()).device  # the draws stay on the CPU: any device, same batches
-        x0, labels = batch["x0"], batch["labels"]
-        t = torch.rand(x0.shape[0], 1, 1, 1, generator=self.generator)
-        eps = torch.randn(x0.shape, generator=self.generator)
-        noise_rate, signal_rate = diffusion_schedule(t, signal_rates_of(self.net))
-        x_t = signal_rate * to_model_space(x0, self.mean, self.std) + noise_rate * eps
-        noise_var = noise_rate.flatten() ** 2
-        if labels is None:
-            return self.net(x_t.to(device), noise_var.to(device))
-        dropped = torch.rand(labels.shape, generator=self.generator) < self.label_dropout
-        labels = torch.where(dropped, num_classes(self.net), labels)
-        return self.net(x_t.to(device), noise_var.to(device), labels.to(device))
+        device = self.generator.device
+        x0, labels = to_model_space(batch["x0"].to(device), self.mean, self.std), batch["labels"]
+        if labels is not None:
+            labels = drop_labels(labels.to(device), self.label_dropout, self.generator, num_classes(self.net))
+        return training_loss(self.net, x0, self.generator, labels=labels)  # the loss is not needed
 
 
 @torch.no_grad()
@@ -61,8 +54,10 @@ def recompute_bn_stats(
     batches = min(batches, len(images) // batch_size)
     if batches < 1:
         raise ValueError(f"{len(images)} images are fewer than one batch of {batch_size}")
-    g = torch.Generator().manual_seed(seed)
-    picked = torch.randperm(len(images), generator=g)[: batches * batch_size].split(batch_size)
+    device = next(net.parameters()).device
+    g = torch.Generator(device).manual_seed(seed)
+    picked = torch.randperm(len(images), generator=g, device=device).cpu()[: batches * batch_size]
+    picked = picked.split(batch_size)
     loader = [dict(x0=images[i], labels=None if labels is None else labels[i]) for i in picked]
     update_bn(loader, Noised(net, mean, std, g, label_dropout))
     net.eval()

@@ -125,6 +125,13 @@ class Guided(nn.Module):
         return eps_u + self.scale * (eps_c - eps_u)
 
 
+def drop_labels(labels, share, generator, null_label):
+    """Each class replaced by "no class" (null_label) with probability `share`: classifier-free
+    guidance trains one network both ways (Ho & Salimans 2022)."""
+    dropped = torch.rand(labels.shape, device=labels.device, generator=generator) < share
+    return labels.masked_fill(dropped, null_label)
+
+
 def training_loss(model, x0, generator=None, loss="l1", min_snr_gamma=0.0, prediction="eps", labels=None):
     """The error of the network's prediction, t ~ U(0, 1) per image: by default the original's
     objective, L1 between predicted and true noise over all pixels. loss "l2" squares the error

@@ -7,7 +7,7 @@ import warnings
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from lib.diffusion import training_loss
+from lib.diffusion import drop_labels, training_loss
 from lib.runtime import autocast
 from lib.unet import build_unet
 
@@ -107,8 +107,7 @@ class Training:
         buffers = self._ema_pairs[3] if self.scaler.is_enabled() else []
         before = [b.clone() for b in buffers]
         if labels is not None:
-            dropped = torch.rand(labels.shape, device=labels.device, generator=generator) < label_dropout
-            labels = labels.masked_fill(dropped, self.model.num_classes)
+            labels = drop_labels(labels, label_dropout, generator, self.model.num_classes)
         with autocast(self.device, self.precision):
             x0 = x0.contiguous(memory_format=self.memory_format)
             loss = training_loss(self.step_model, x0, generator, labels=labels, **self.objective)

@@ -46,13 +46,15 @@ def direct_statistics(net, x, labels, batches, batch_size, seed, rates, dropout=
     with torch.no_grad():
         for i in picked:
             x0 = (x[i].float() / 255 - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+            if labels is not None:  # as a training step: the classes dropped first, then t and the noise
+                dropped = torch.rand(len(i), generator=g) < dropout
+                kept = torch.where(dropped, net.num_classes, labels[i])
             angle = lo + torch.rand(len(i), 1, 1, 1, generator=g) * (hi - lo)
             x_t = torch.cos(angle) * x0 + torch.sin(angle) * torch.randn(x0.shape, generator=g)
             if labels is None:
                 net(x_t, torch.sin(angle).flatten() ** 2)
             else:
-                dropped = torch.rand(len(i), generator=g) < dropout
-                net(x_t, torch.sin(angle).flatten() ** 2, torch.where(dropped, net.num_classes, labels[i]))
+                net(x_t, torch.sin(angle).flatten() ** 2, kept)
     for h in hooks:
         h.remove()
     return {bn: [torch.stack(s).mean(0) for s in zip(*stats, strict=True)] for bn, stats in seen.items()}
