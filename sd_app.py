@@ -31,6 +31,7 @@ from lib.checkpoint import load_model
 from lib.classes import GUIDANCE, parse_classes, spread
 from lib.cli import ArgumentParser, UserError, run_cli
 from lib.data import resize_crop, to_rgb
+from lib.distill import distilled_of, student_strength
 from lib.metrics import to_uint8
 from lib.normalization import model_stats
 from lib.runtime import add_device_args, setup
@@ -50,7 +51,7 @@ MAX_IMAGES, MAX_STEPS, MAX_GUIDANCE = 8, 100, 20.0
 MAX_WORK = 400
 MAX_PENDING = 4  # requests held at once, the one painting included; more get 503 at once
 # The page's live mode: one result after each stroke, at few evaluations (the Paint button keeps
-# the full settings).
+# the full settings); with --live-checkpoint, a distilled student's own steps instead.
 LIVE = dict(sampler="dpm++2m", steps=4)
 
 
@@ -108,6 +109,20 @@ def work(sampler, steps, num_images, strength, guidance, drawing, labels, **_):
     return total
 
 
+def load_student(path, teacher_ckpt, device):
+    """--live-checkpoint: a distilled student that paints what the loaded model paints (its size,
+    classes and normalization), else UserError."""
+    student, ckpt = load_model(path, device)
+    if distilled_of(student) is None:
+        raise UserError(f"--live-checkpoint {path} is not a distilled student (make one with sd_distill.py)")
+    for key in ("image_size", "classes"):
+        if ckpt["config"].get(key) != teacher_ckpt["config"].get(key):
+            raise UserError(f"--live-checkpoint {path} has another {key} than --checkpoint's model")
+    if model_stats(ckpt) != model_stats(teacher_ckpt):
+        raise UserError(f"--live-checkpoint {path} works in another normalization than --checkpoint's model")
+    return student.to(memory_format=torch.channels_last)
+
+
 def data_url(image):
     """(3, H, W) float in [0, 1] -> a PNG as a data URL, which the page shows and downloads."""
     buffer = io.BytesIO()
@@ -119,12 +134,16 @@ class Painter:
     """The model, loaded once; the lock that has requests sampled one at a time, and the slots
     that bound how many are held."""
 
-    def __init__(self, checkpoint, device="cpu", precision="fp32"):
+    def __init__(self, checkpoint, device="cpu", precision="fp32", live_checkpoint=None):
         self.model, ckpt = load_model(checkpoint, device)
         self.model = self.model.to(memory_format=torch.channels_last)
         self.mean, self.std = model_stats(ckpt)
         self.size, self.precision = ckpt["config"]["image_size"], precision
         self.classes = ckpt["config"].get("classes", [])
+        self.student, self.live = None, dict(LIVE, live=True)
+        if live_checkpoint is not None:
+            self.student = load_student(live_checkpoint, ckpt, device)
+            self.live = dict(sampler="ddim", steps=distilled_of(self.student)["steps"], live=True)
         self.lock = threading.Lock()
         self.slots = threading.BoundedSemaphore(MAX_PENDING)
         self.queued_work, self.seconds_per_work = 0, 0.0  # for Retry-After: the held work's seconds
@@ -140,7 +159,7 @@ class Painter:
             max_steps=MAX_STEPS,
             max_work=MAX_WORK,
             guidance=GUIDANCE,
-            live=LIVE,
+            live=self.live,
         )
 
     def options(self, body):
@@ -160,6 +179,10 @@ class Painter:
         )
         if body.get("class") not in (None, ""):
             opts["labels"] = spread([self.class_index(body["class"])], opts["num_images"])
+        opts["model"] = self.model
+        if body.get("live") is True and self.student is not None:  # the student's own settings
+            opts |= dict(model=self.student, sampler="ddim", guidance=1.0, steps=self.live["steps"])
+            opts["strength"] = student_strength(opts["strength"], opts["steps"])
         work(**opts)  # refuses too much work before the drawing is decoded
         if opts["drawing"] is not None:
             opts["drawing"] = read_drawing(opts["drawing"], self.size)
@@ -186,10 +209,10 @@ class Painter:
             raise BadRequest(f"class must be one class, got {value!r}")
         return chosen[0]
 
-    def paint(self, sampler, steps, seed, num_images, strength, guidance, drawing, labels):
+    def paint(self, model, sampler, steps, seed, num_images, strength, guidance, drawing, labels):
         """-> ((num_images, 3, S, S) floats, seconds waiting for the model, seconds painting):
         from the drawing (one result per seed, seed + i, as sd_inference.py --init-image), or from
-        noise."""
+        noise; model: the loaded model or its student."""
         common = dict(sampler=sampler, precision=self.precision, guidance=guidance)
         cost = work(sampler, steps, num_images, strength, guidance, drawing, labels)
         with self.queue_lock:
@@ -201,11 +224,11 @@ class Painter:
                 if drawing is None:
                     noise = initial_noise(num_images, self.size, seed)
                     images = generate(
-                        self.model, noise, self.mean, self.std, steps, seed=seed, labels=labels, **common
+                        model, noise, self.mean, self.std, steps, seed=seed, labels=labels, **common
                     )
                 else:
                     _, images = sketch_per_seed(
-                        self.model,
+                        model,
                         drawing,
                         self.mean,
                         self.std,
@@ -273,6 +296,12 @@ def create_app(painter):
 def get_parser():
     p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default=None, help=f"default: models/{DEFAULT_CHECKPOINT.name}")
+    p.add_argument(
+        "--live-checkpoint",
+        default=None,
+        help=f"a distilled student (sd_distill.py) of the model for 'paint as I draw' (default: the "
+        f"model itself at {LIVE['sampler']}, {LIVE['steps']} steps)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines too")
     p.add_argument("--port", type=int, default=7860, help="0 picks a free one")
     add_device_args(p, "for sampling")
@@ -289,10 +318,11 @@ def serve(painter, host, port):
 
 def run(args):
     device, precision = setup(args.device, args.precision)
-    painter = Painter(checkpoint_path(args.checkpoint), device, precision)
+    painter = Painter(checkpoint_path(args.checkpoint), device, precision, args.live_checkpoint)
     server = serve(painter, args.host, args.port)
     classes = f", {len(painter.classes)} classes" if painter.classes else ""
-    print(f"model: {painter.size} px{classes}, {device} {precision}")
+    live = f"; live: {args.live_checkpoint}, {painter.live['steps']} steps" if painter.student else ""
+    print(f"model: {painter.size} px{classes}, {device} {precision}{live}")
     print(f"open http://{args.host}:{server.server_port}/ in a browser (Ctrl-C stops the server)", flush=True)
     try:
         server.serve_forever()

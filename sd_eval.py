@@ -21,6 +21,7 @@ from lib.checkpoint import load_model
 from lib.classes import GUIDANCE, classes_like
 from lib.cli import ArgumentParser, UserError, check_at_least, run_cli
 from lib.data import ImageFiles, check_all_read, image_labels, load_images
+from lib.distill import distilled_of, sampling_settings
 from lib.metrics import (
     EXTRACTORS,
     ClassProbe,
@@ -155,14 +156,14 @@ def sample(model, ckpt, args, precision, real_labels=None):
     t0 = time.perf_counter()
     noise = initial_noise(args.num_samples, ckpt["config"]["image_size"], args.seed)
     mean, std = model_stats(ckpt)
-    guidance = GUIDANCE if args.guidance is None else args.guidance
+    steps, guidance, _ = sampling_settings(model, args.sampler, args.steps, args.guidance)
     labels = None if real_labels is None else classes_like(real_labels, args.num_samples, args.seed)
     images = generate(
         model,
         noise,
         mean,
         std,
-        steps=args.steps,
+        steps=steps,
         eta=args.eta,
         seed=args.seed,
         precision=precision,
@@ -172,8 +173,11 @@ def sample(model, ckpt, args, precision, real_labels=None):
         guidance=guidance,
     )
     seconds = time.perf_counter() - t0
-    how = f"{args.sampler}, {args.steps} evaluations" + (f", eta {args.eta}" if args.eta else "")
-    how += f", classes as the real images', guidance {guidance:g}" if labels is not None else ""
+    how = f"{args.sampler}, {steps} evaluations" + (f", eta {args.eta}" if args.eta else "")
+    if labels is not None:
+        student = distilled_of(model)
+        guided = f"distilled at guidance {student['guidance']:g}" if student else f"guidance {guidance:g}"
+        how += f", classes as the real images', {guided}"
     print(f"generated {len(images)} samples ({how}) in {seconds:.0f}s")
     return to_uint8(images), labels
 
@@ -228,6 +232,7 @@ def run(args):
         model, ckpt = load_model(args.checkpoint, device, args.image_size)
         if not ckpt["config"].get("num_classes") and (args.guidance is not None or args.class_fidelity):
             raise UserError(f"{args.checkpoint} is not class-conditional (sd_train.py --class-cond)")
+        sampling_settings(model, args.sampler, args.steps, args.guidance)  # refused before the features
         model = model.to(memory_format=torch.channels_last)
         size = ckpt["config"]["image_size"]
     elif args.samples_dir:

@@ -22,6 +22,7 @@ from lib.checkpoint import load_model
 from lib.classes import GUIDANCE, drawn_classes, parse_classes, spread
 from lib.cli import ArgumentParser, UserError, check_at_least, run_cli
 from lib.data import load_image
+from lib.distill import sampling_settings
 from lib.normalization import model_stats
 from lib.runtime import add_device_args, setup
 from lib.sample import generate, initial_noise, interpolation_noise, sketch_per_seed
@@ -166,7 +167,7 @@ def sketch(model, ckpt, drawing, args, precision):
     panels shows the drawing, its noised version and the result."""
     mean, std = model_stats(ckpt)
     labels, names = class_labels(args, ckpt)
-    options = sampling_options(args, precision, labels)
+    options = sampling_options(model, args, precision, labels)
     noisy, results = sketch_per_seed(
         model, drawing, mean, std, args.strength, args.steps, args.seed, args.num_images, **options
     )
@@ -196,7 +197,7 @@ def paint(model, ckpt, args, precision):
         noise, fig_args = initial_noise(args.num_images, size, args.seed), {}
     mean, std = model_stats(ckpt)
     labels, names = class_labels(args, ckpt)
-    options = sampling_options(args, precision, labels)
+    options = sampling_options(model, args, precision, labels)
     batch_size, steps = args.batch_size, args.steps
     images = generate(model, noise, mean, std, steps, seed=args.seed, batch_size=batch_size, **options)
     if names:
@@ -224,15 +225,10 @@ def class_labels(args, ckpt):
     return labels, [names[i] for i in labels.tolist()]
 
 
-def sampling_options(args, precision, labels):
+def sampling_options(model, args, precision, labels):
     """generate()'s keyword arguments from the flags, but for the steps (sketch_to_image scales them)."""
-    return dict(
-        eta=args.eta,
-        precision=precision,
-        sampler=args.sampler,
-        labels=labels,
-        guidance=GUIDANCE if args.guidance is None else args.guidance,
-    )
+    _, guidance, _ = sampling_settings(model, args.sampler, args.steps, args.guidance)
+    return dict(eta=args.eta, precision=precision, sampler=args.sampler, labels=labels, guidance=guidance)
 
 
 def screenful(panels, n_images, args):
@@ -257,6 +253,11 @@ def run(args):
     device, precision = setup(args.device, args.precision)
     model, ckpt = load_model(checkpoint, device, args.image_size)
     model = model.to(memory_format=torch.channels_last)
+    strength = args.strength if args.init_image else None
+    args.steps, _, strength = sampling_settings(model, args.sampler, args.steps, args.guidance, strength)
+    if strength is not None and strength != args.strength:
+        print(f"a student starts at its own steps' times: --strength {args.strength} taken as {strength:g}")
+        args.strength = strength
     if args.list_classes:
         names = ckpt["config"].get("classes") or []
         print("\n".join(f"{i:3d}  {name}" for i, name in enumerate(names)) or f"{checkpoint} has no classes")

@@ -18,7 +18,7 @@ from torch.optim.swa_utils import update_bn
 
 from lib.checkpoint import load_model, make_checkpoint, replaceable
 from lib.cli import ArgumentParser, UserError, check_at_least, run_cli
-from lib.data import load_images, load_labelled_images
+from lib.data import add_model_data_args, data_args, images_for_model
 from lib.diffusion import EpsFromV, drop_labels, training_loss
 from lib.files import atomic_save
 from lib.normalization import model_stats, to_model_space
@@ -77,10 +77,7 @@ def get_parser():
         default=0.1,
         help="class-conditional: the share of images fed without their class (the run's --label-dropout)",
     )
-    p.add_argument("--data-root", default="data", help="folder that holds flowers-102/")
-    p.add_argument("--image-dir", default=None, help="the training images from this folder instead")
-    p.add_argument("--download", action="store_true", help="let torchvision download Flowers102")
-    p.add_argument("--cache-dir", default="cache", help="decoded images are cached here")
+    add_model_data_args(p)
     return p
 
 
@@ -91,19 +88,7 @@ def run(args):
     replaceable(args.src, args.dst)
     model, ckpt = load_model(args.src)
     net = model.net if isinstance(model, EpsFromV) else model
-    size, data = ckpt["config"]["image_size"], dict(data_root=args.data_root, image_dir=args.image_dir)
-    if ckpt["config"].get("num_classes"):
-        images, labels, names = load_labelled_images(
-            size, download=args.download, cache_dir=args.cache_dir, **data
-        )
-        if names != ckpt["config"]["classes"]:  # a label would index another class, or none
-            theirs, ours = ", ".join(ckpt["config"]["classes"][:3]), ", ".join(names[:3])
-            raise UserError(
-                f"the classes of {args.src} ({ckpt['config']['num_classes']}: {theirs}, ...) are not "
-                f"this data's ({len(names)}: {ours}, ...)"
-            )
-    else:
-        images, labels = load_images(size, download=args.download, cache_dir=args.cache_dir, **data), None
+    images, labels = images_for_model(ckpt["config"], args.src, **data_args(args))
     mean, std = model_stats(ckpt)
     try:
         used = recompute_bn_stats(

@@ -2,17 +2,21 @@
 
 Layout (a plain dict, so `torch.load(weights_only=True)` reads it and a crafted file cannot run code):
     format  "flowers-ddim/1"; "/2" for a v-predicting or class-conditional network, "/3" for one
-            with network options or an input scale (see checkpoint_format)
+            with network options, an input scale, other schedule ends or a student's settings
+            (see checkpoint_format)
     config  {"image_size", "widths", "embedding_dim", "block_depth"}: rebuilds the network;
             "prediction": "v" where the network predicts v (absent: the noise, eps);
             "num_classes" and "classes" for a class-conditional network; lib/unet.py's
             NETWORK_OPTIONS where the network departs from the original's; "input_scale": b where
-            sd_train.py --input-scale b multiplied the normalized images
+            sd_train.py --input-scale b multiplied the normalized images; "signal_rates" where
+            the schedule's ends are not the original's; "distilled" for a few-step student
+            (sd_distill.py: its steps, its teacher's and the guidance it learned)
     norm    {"mean": [3 floats], "std": [3 floats]}: the data's per-channel statistics, which the
             model's space is made from (lib.normalization.model_stats: (x - mean) / std * b).
             Files written before "input_scale" existed hold std / b here
     ema     state dict of the EMA weights (what is sampled)
-    train   (best.pt / last.pt only) everything sd_train.py --resume needs
+    train   (best.pt / last.pt only) everything sd_train.py --resume needs; in a student's file
+            until its last step, what sd_distill.py --resume needs ("distill")
 
 The original repo's files (a bare state dict of its EMA wrapper: "module.*" keys and "n_averaged")
 are read by the same loader and converted on the fly. Exported weights may also be safetensors
@@ -39,7 +43,8 @@ FORMAT = "flowers-ddim/1"
 # Each later format is written where the config holds what the readers of the earlier ones would
 # ignore, so that those refuse the file instead of sampling it wrongly: /2 a v-predicting or
 # class-conditional network, /3 network options (lib/unet.py's NETWORK_OPTIONS), an input scale or
-# the schedule's ends (signal_rates; readers of /3 refuse config keys they do not know).
+# the schedule's ends (signal_rates) or a student's settings (distilled; readers of /3 refuse config
+# keys they do not know).
 FORMAT_2 = "flowers-ddim/2"
 FORMAT_3 = "flowers-ddim/3"
 FORMATS = (FORMAT, FORMAT_2, FORMAT_3)
@@ -48,7 +53,7 @@ ORIGINAL_IMAGE_SIZE = 128  # the original trained and sampled at 128 px only; it
 
 def checkpoint_format(config):
     """The oldest format whose readers build this config's network correctly."""
-    if any(k in config for k in (*NETWORK_OPTIONS, "input_scale", "signal_rates")):
+    if any(k in config for k in (*NETWORK_OPTIONS, "input_scale", "signal_rates", "distilled")):
         return FORMAT_3
     return FORMAT_2 if config.get("prediction", "eps") != "eps" or config.get("num_classes") else FORMAT
 

@@ -269,6 +269,37 @@ def load_labelled_images(image_size, data_root="data", image_dir=None, download=
     return images, labels, names
 
 
+def images_for_model(config, name, data_root="data", image_dir=None, download=False, cache_dir=None):
+    """The training images at a model's size, decoded once, and for a class-conditional model
+    their classes, checked against the classes it was trained on (config["classes"]) -> (images,
+    labels or None). name: the model's file, for the error."""
+    size, source = config["image_size"], dict(data_root=data_root, image_dir=image_dir, download=download)
+    if not config.get("num_classes"):
+        return load_images(size, cache_dir=cache_dir, **source), None
+    images, labels, names = load_labelled_images(size, cache_dir=cache_dir, **source)
+    if names != config["classes"]:  # a label would index another class, or none
+        theirs, ours = ", ".join(config["classes"][:3]), ", ".join(names[:3])
+        raise UserError(
+            f"the classes of {name} ({config['num_classes']}: {theirs}, ...) are not "
+            f"this data's ({len(names)}: {ours}, ...)"
+        )
+    return images, labels
+
+
+def add_model_data_args(p):
+    """Where a script that tunes a trained model finds its training images."""
+    p.add_argument("--data-root", default="data", help="folder that holds flowers-102/")
+    p.add_argument("--image-dir", default=None, help="the training images from this folder instead")
+    p.add_argument("--download", action="store_true", help="let torchvision download Flowers102")
+    p.add_argument("--cache-dir", default="cache", help="decoded images are cached here")
+
+
+def data_args(args):
+    """add_model_data_args' flags as images_for_model's keywords."""
+    names = ("data_root", "image_dir", "download", "cache_dir")
+    return {name: getattr(args, name) for name in names}
+
+
 def check_all_read(images, labels):
     if len(images) != len(labels):
         raise UserError(

@@ -147,7 +147,12 @@ def add_sampler_args(p):
         choices=SAMPLERS,
         help="ddim (the original's), or the second-order dpm++2m and heun (docs/sampling.md)",
     )
-    p.add_argument("--steps", type=int, default=20, help="network evaluations (heun: 2 per step + 1)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="network evaluations (heun: 2 per step + 1); default 20, a distilled student's own",
+    )
     p.add_argument(
         "--eta", type=float, default=0.0, help="ddim only: 0 deterministic (the original), 1 DDPM-like"
     )
@@ -156,7 +161,7 @@ def add_sampler_args(p):
 def check_sampler_args(args):
     """One-line errors for --sampler / --steps / --eta values that cannot run."""
     need = MIN_EVALUATIONS[args.sampler]
-    if args.steps < need:
+    if args.steps is not None and args.steps < need:
         raise UserError(f"--steps must be >= {need} for {args.sampler}, got {args.steps}")
     if not 0.0 <= args.eta <= 1.0:
         raise UserError(f"--eta must be in [0, 1], got {args.eta}")

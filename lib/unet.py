@@ -325,10 +325,11 @@ def check_image_size(image_size, num_levels):
 
 
 # Every key a config may hold (lib/checkpoint.py refuses others, written by a newer version): the
-# network's, the input scale of the space its weights were trained in (model_stats), and the
-# schedule's ends they were trained on (signal_rates).
+# network's, the input scale of the space its weights were trained in (model_stats), the
+# schedule's ends they were trained on (signal_rates), and a few-step student's settings
+# (distilled: lib/distill.py).
 CONFIG_KEYS = {"image_size", "widths", "embedding_dim", "block_depth", "prediction", "num_classes", "classes"}
-CONFIG_KEYS |= {"input_scale", "signal_rates", *NETWORK_OPTIONS}
+CONFIG_KEYS |= {"input_scale", "signal_rates", "distilled", *NETWORK_OPTIONS}
 
 
 def check_signal_rates(rates):
@@ -342,16 +343,32 @@ def check_signal_rates(rates):
     return high, low
 
 
+def check_distilled(info):
+    """A student's config entry {"steps", "teacher_steps", "guidance"} -> itself, or ValueError."""
+    try:
+        steps, teacher_steps, guidance = info["steps"], info["teacher_steps"], float(info["guidance"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"distilled must hold steps, teacher_steps and guidance, got {info!r}") from None
+    if not (isinstance(steps, int) and isinstance(teacher_steps, int) and 1 <= steps <= teacher_steps):
+        raise ValueError(f"distilled steps must be whole numbers, 1 <= steps <= teacher_steps, got {info!r}")
+    if not guidance >= 0:
+        raise ValueError(f"distilled guidance must be >= 0, got {info['guidance']!r}")
+    return dict(steps=steps, teacher_steps=teacher_steps, guidance=guidance)
+
+
 def build_unet(cfg, literal=False):
     """The network a config describes; "num_classes" (absent: 0) makes it class-conditional, and
     NETWORK_OPTIONS keys (absent: the original's) choose the departures from the original. The
     network carries the schedule's ends it is trained on ("signal_rates", absent: the original's),
-    which the loss and the samplers read (lib.diffusion.signal_rates_of)."""
+    which the loss and the samplers read (lib.diffusion.signal_rates_of), and a student its
+    distillation settings ("distilled", lib.distill.distilled_of)."""
     options = {k: cfg[k] for k in NETWORK_OPTIONS if k in cfg}
     net = UNet(
         cfg["widths"], cfg["embedding_dim"], cfg["block_depth"], literal, cfg.get("num_classes", 0), **options
     )
     net.signal_rates = check_signal_rates(cfg.get("signal_rates", SIGNAL_RATES))
+    if "distilled" in cfg:
+        net.distilled = check_distilled(cfg["distilled"])
     return net
 
 

@@ -59,6 +59,9 @@ class StopAfter:
     def arm(self):
         pass
 
+    def restore(self):
+        pass
+
     @property
     def requested(self):
         self.asked += 1

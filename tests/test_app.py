@@ -15,13 +15,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from test_checkpoint import tiny_checkpoint
+from test_distill import student_checkpoint
 
 import sd_app
 from conftest import ORIGINAL_RECIPE, ROOT, TINY
 from lib.checkpoint import make_checkpoint
 from lib.files import atomic_save
+from lib.metrics import to_uint8
+from lib.sample import sketch_per_seed
 from lib.unet import build_unet
-from sd_app import MAX_PENDING, MAX_REQUEST, MAX_WORK, Painter, create_app, serve
+from sd_app import MAX_PENDING, MAX_REQUEST, MAX_WORK, Painter, create_app, read_drawing, serve
 from sd_inference import checkpoint_path
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -68,7 +72,7 @@ def test_the_page_and_its_settings_are_served(client):
     assert b"<canvas" in client.get("/").data
     info = client.get("/api/info").json
     assert info["image_size"] == 64 and info["classes"] == [] and info["samplers"]["heun"] == 3
-    assert info["live"] == dict(sampler="dpm++2m", steps=4) and info["max_work"] == MAX_WORK
+    assert info["live"] == dict(sampler="dpm++2m", steps=4, live=True) and info["max_work"] == MAX_WORK
 
 
 @pytest.mark.parametrize(
@@ -314,3 +318,25 @@ def test_the_docs_state_the_limits_the_code_holds():
     assert f"results x network evaluations at most {MAX_WORK}" in text
     assert f"| requests held | {MAX_PENDING} (503" in text
     assert f"| request | {MAX_REQUEST // 2**20} MB" in text
+
+
+def test_live_requests_go_to_the_student_and_paint_requests_to_the_model(tmp_path, capsys):
+    tiny_checkpoint(tmp_path / "t.pt")
+    student_checkpoint(tmp_path / "s.pt", steps=4)
+    painter = Painter(tmp_path / "t.pt", live_checkpoint=tmp_path / "s.pt")
+    client = create_app(painter).test_client()
+    assert client.get("/api/info").json["live"] == dict(sampler="ddim", steps=4, live=True)
+    body = dict(drawing=drawn(), num_images=1, seed=3, strength=0.6, sampler="ddim", steps=4)
+    live = decode(client.post("/api/paint", json=dict(body, live=True)).json["images"][0])
+    full = decode(client.post("/api/paint", json=body).json["images"][0])
+    drawing = read_drawing(drawn(), 32)
+    for model, strength, got in [(painter.student, 0.5, live), (painter.model, 0.6, full)]:
+        _, expected = sketch_per_seed(model, drawing, painter.mean, painter.std, strength, 4, 3, 1)
+        assert torch.equal(to_uint8(expected)[0].permute(1, 2, 0), got)
+    assert not torch.equal(live, full)
+
+    assert (
+        sd_app.main(["--checkpoint", str(tmp_path / "t.pt"), "--live-checkpoint", str(tmp_path / "t.pt")])
+        == 2
+    )
+    assert "is not a distilled student" in capsys.readouterr().err
