@@ -31,7 +31,7 @@ from lib.checkpoint import load_model
 from lib.classes import GUIDANCE, parse_classes, spread
 from lib.cli import ArgumentParser, UserError, run_cli
 from lib.data import resize_crop, to_rgb
-from lib.distill import distilled_of, student_strength
+from lib.distill import distilled_of, refuse_student, student_strength
 from lib.metrics import to_uint8
 from lib.normalization import model_stats
 from lib.runtime import add_device_args, setup
@@ -136,10 +136,12 @@ class Painter:
 
     def __init__(self, checkpoint, device="cpu", precision="fp32", live_checkpoint=None):
         self.model, ckpt = load_model(checkpoint, device)
+        refuse_student(self.model, checkpoint, "give its teacher as --checkpoint and it as --live-checkpoint")
         self.model = self.model.to(memory_format=torch.channels_last)
         self.mean, self.std = model_stats(ckpt)
         self.size, self.precision = ckpt["config"]["image_size"], precision
         self.classes = ckpt["config"].get("classes", [])
+        # The page sends these back with each live request; "live" routes it to the student.
         self.student, self.live = None, dict(LIVE, live=True)
         if live_checkpoint is not None:
             self.student = load_student(live_checkpoint, ckpt, device)
@@ -181,7 +183,8 @@ class Painter:
             opts["labels"] = spread([self.class_index(body["class"])], opts["num_images"])
         opts["model"] = self.model
         if body.get("live") is True and self.student is not None:  # the student's own settings
-            opts |= dict(model=self.student, sampler="ddim", guidance=1.0, steps=self.live["steps"])
+            guidance = 0.0 if opts["guidance"] == 0 else 1.0  # its guidance is in its weights; 0: no class
+            opts |= dict(model=self.student, sampler="ddim", guidance=guidance, steps=self.live["steps"])
             opts["strength"] = student_strength(opts["strength"], opts["steps"])
         work(**opts)  # refuses too much work before the drawing is decoded
         if opts["drawing"] is not None:

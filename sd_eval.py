@@ -150,13 +150,14 @@ def real_classes(classes, num_real, data_root, image_dir=None, download=False):
     return labels, splits
 
 
-def sample(model, ckpt, args, precision, real_labels=None):
-    """--num-samples images from the checkpoint's EMA network -> uint8 (N, 3, S, S) and, for a
-    class-conditional model, their classes (drawn like real_labels) or None."""
+def sample(model, ckpt, args, precision, settings, real_labels=None):
+    """--num-samples images from the checkpoint's EMA network at settings = (steps, guidance) ->
+    uint8 (N, 3, S, S) and, for a class-conditional model, their classes (drawn like
+    real_labels) or None."""
     t0 = time.perf_counter()
     noise = initial_noise(args.num_samples, ckpt["config"]["image_size"], args.seed)
     mean, std = model_stats(ckpt)
-    steps, guidance, _ = sampling_settings(model, args.sampler, args.steps, args.guidance)
+    steps, guidance = settings
     labels = None if real_labels is None else classes_like(real_labels, args.num_samples, args.seed)
     images = generate(
         model,
@@ -176,7 +177,9 @@ def sample(model, ckpt, args, precision, real_labels=None):
     how = f"{args.sampler}, {steps} evaluations" + (f", eta {args.eta}" if args.eta else "")
     if labels is not None:
         student = distilled_of(model)
-        guided = f"distilled at guidance {student['guidance']:g}" if student else f"guidance {guidance:g}"
+        guided = f"guidance {guidance:g}"
+        if student and guidance:
+            guided = f"guidance {student['guidance']:g} distilled in"
         how += f", classes as the real images', {guided}"
     print(f"generated {len(images)} samples ({how}) in {seconds:.0f}s")
     return to_uint8(images), labels
@@ -227,12 +230,13 @@ def run(args):
     check_args(args)
     device, precision = setup(args.device, args.precision)
     t0 = time.perf_counter()
-    model = ckpt = fake = None
+    model = ckpt = fake = settings = None
     if args.checkpoint:
         model, ckpt = load_model(args.checkpoint, device, args.image_size)
         if not ckpt["config"].get("num_classes") and (args.guidance is not None or args.class_fidelity):
             raise UserError(f"{args.checkpoint} is not class-conditional (sd_train.py --class-cond)")
-        sampling_settings(model, args.sampler, args.steps, args.guidance)  # refused before the features
+        # the steps and guidance to sample at (a student's own), refused before the features
+        settings = sampling_settings(model, args.sampler, args.steps, args.guidance, eta=args.eta)[:2]
         model = model.to(memory_format=torch.channels_last)
         size = ckpt["config"]["image_size"]
     elif args.samples_dir:
@@ -249,7 +253,7 @@ def run(args):
             ckpt["config"]["classes"], len(real_features), args.data_root, args.image_dir, args.download
         )
     if model is not None:
-        fake, fake_labels = sample(model, ckpt, args, precision, real_labels)
+        fake, fake_labels = sample(model, ckpt, args, precision, settings, real_labels)
     if fake is not None:
         fake_features = extract_features(extractor, fake, device=device)
         score("samples", real_features, fake_features, args)

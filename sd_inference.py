@@ -167,7 +167,7 @@ def sketch(model, ckpt, drawing, args, precision):
     panels shows the drawing, its noised version and the result."""
     mean, std = model_stats(ckpt)
     labels, names = class_labels(args, ckpt)
-    options = sampling_options(model, args, precision, labels)
+    options = sampling_options(args, precision, labels)
     noisy, results = sketch_per_seed(
         model, drawing, mean, std, args.strength, args.steps, args.seed, args.num_images, **options
     )
@@ -197,7 +197,7 @@ def paint(model, ckpt, args, precision):
         noise, fig_args = initial_noise(args.num_images, size, args.seed), {}
     mean, std = model_stats(ckpt)
     labels, names = class_labels(args, ckpt)
-    options = sampling_options(model, args, precision, labels)
+    options = sampling_options(args, precision, labels)
     batch_size, steps = args.batch_size, args.steps
     images = generate(model, noise, mean, std, steps, seed=args.seed, batch_size=batch_size, **options)
     if names:
@@ -225,10 +225,21 @@ def class_labels(args, ckpt):
     return labels, [names[i] for i in labels.tolist()]
 
 
-def sampling_options(model, args, precision, labels):
+def settle(model, args):
+    """What to sample at: the flags, or a student's own steps and strengths. args.guidance stays
+    the flag as given (class_labels reads it); args.scale becomes the scale to guide by."""
+    strength = args.strength if args.init_image else None
+    args.steps, args.scale, strength = sampling_settings(
+        model, args.sampler, args.steps, args.guidance, strength, args.eta
+    )
+    if strength is not None and strength != args.strength:
+        print(f"a student starts at its own steps' times: --strength {args.strength} taken as {strength:g}")
+        args.strength = strength
+
+
+def sampling_options(args, precision, labels):
     """generate()'s keyword arguments from the flags, but for the steps (sketch_to_image scales them)."""
-    _, guidance, _ = sampling_settings(model, args.sampler, args.steps, args.guidance)
-    return dict(eta=args.eta, precision=precision, sampler=args.sampler, labels=labels, guidance=guidance)
+    return dict(eta=args.eta, precision=precision, sampler=args.sampler, labels=labels, guidance=args.scale)
 
 
 def screenful(panels, n_images, args):
@@ -253,11 +264,7 @@ def run(args):
     device, precision = setup(args.device, args.precision)
     model, ckpt = load_model(checkpoint, device, args.image_size)
     model = model.to(memory_format=torch.channels_last)
-    strength = args.strength if args.init_image else None
-    args.steps, _, strength = sampling_settings(model, args.sampler, args.steps, args.guidance, strength)
-    if strength is not None and strength != args.strength:
-        print(f"a student starts at its own steps' times: --strength {args.strength} taken as {strength:g}")
-        args.strength = strength
+    settle(model, args)
     if args.list_classes:
         names = ckpt["config"].get("classes") or []
         print("\n".join(f"{i:3d}  {name}" for i, name in enumerate(names)) or f"{checkpoint} has no classes")

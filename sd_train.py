@@ -504,6 +504,7 @@ def new_config(args, init):
             cfg = model_config(args.preset, args.image_size, args.widths, args.block_depth, **options)
         else:  # load_model has checked the config and the --image-size override
             cfg = dict(init["config"])
+            cfg.pop("distilled", None)  # trained on the diffusion loss, a student paints at any steps again
             for key, default in dict(NETWORK_OPTIONS, widths=None, block_depth=None).items():
                 if getattr(args, key) not in (None, cfg.get(key, default)):
                     flag = "--" + key.replace("_", "-")

@@ -18,6 +18,7 @@ from lib.checkpoint import load_model
 from lib.classes import classes_like
 from lib.cli import ArgumentParser, UserError, check_at_least, run_cli
 from lib.data import load_images
+from lib.distill import refuse_student
 from lib.metrics import (
     ClassProbe,
     EfficientNetLite0,
@@ -40,6 +41,7 @@ def run(args):
     device, precision = setup(args.device, args.precision)
     args.checkpoint = checkpoint_path(args.checkpoint)
     model, ckpt = load_model(args.checkpoint, device)
+    refuse_student(model, args.checkpoint, "its guidance is in its weights: a sweep of scales does not apply")
     cfg = ckpt["config"]
     if not cfg.get("num_classes"):
         raise UserError(f"{args.checkpoint} is not class-conditional (sd_train.py --class-cond)")

@@ -19,6 +19,7 @@ from lib.checkpoint import load_model
 from lib.classes import GUIDANCE, classes_like
 from lib.cli import ArgumentParser, UserError, check_at_least, run_cli
 from lib.data import load_images
+from lib.distill import refuse_student
 from lib.metrics import EfficientNetLite0, extract_features, fid, kid, reference_features, to_uint8
 from lib.normalization import model_stats
 from lib.runtime import add_device_args, setup
@@ -62,6 +63,11 @@ def run(args):
     device, precision = setup(args.device, args.precision)
     args.checkpoint = checkpoint_path(args.checkpoint)
     model, ckpt = load_model(args.checkpoint, device)
+    refuse_student(
+        model,
+        args.checkpoint,
+        "it samples at its own ddim steps only",
+    )
     size = ckpt["config"]["image_size"]
     real = load_images(size, args.data_root, num_workers=2, cache_dir=args.cache_dir)
     extractor = EfficientNetLite0()

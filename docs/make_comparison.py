@@ -29,6 +29,7 @@ def paint_row(checkpoint, args, device, precision):
     flags += ["--steps", str(args.steps)]
     inference_args = sd_inference.get_parser().parse_args(flags)
     sd_inference.check_args(inference_args)
+    sd_inference.settle(model, inference_args)
     images, _, fig_args = sd_inference.paint(model, ckpt, inference_args, precision)
     return images, fig_args.get("labels")
 

@@ -56,10 +56,11 @@ def teacher_x0(teacher, x_t, t, steps, substeps):
 
 def distillation_loss(student, teacher, x0, steps, substeps, generator=None, labels=None, guidance=1.0):
     """Mean squared error between the student's x0 estimate and teacher_x0's, at a grid time
-    drawn per image, on x0 noised with the schedule (x0 in the model space). Salimans & Ho weight
-    the x0 error by max(SNR, 1) (truncated SNR); on the original's schedule SNR stays below 1 at
-    every grid time but the last for S <= 4, so the weight is plain 1 here. labels (B,): the
-    classes for a class-conditional pair, the teacher guided by `guidance`. -> scalar (fp32)."""
+    drawn per image, on x0 noised with the schedule (x0 in the model space). Every grid time
+    weighs the same: Salimans & Ho's truncated-SNR weight, max(SNR, 1), is 1 at every grid time
+    but the last on the original's schedule for S <= 4 (SNR 1.9 at t = 1/4), and the last step's
+    x0 is the picture itself. labels (B,): the classes for a class-conditional pair, the teacher
+    guided by `guidance` ("no class" leaves it unguided). -> scalar (fp32)."""
     b = x0.shape[0]
     i = torch.randint(0, steps, (b, 1, 1, 1), device=x0.device, generator=generator)
     t = 1 - i.to(x0.dtype) / steps
@@ -75,19 +76,28 @@ def distillation_loss(student, teacher, x0, steps, substeps, generator=None, lab
     return F.mse_loss(x0_hat.float(), target.float())
 
 
-def sampling_settings(model, sampler, steps, guidance, strength=None):
+def sampling_settings(model, sampler, steps, guidance, strength=None, eta=0.0):
     """The steps, guidance and sketch strength to sample `model` with, from the flags (None: not
     given): a teacher's are the flags' (20 evaluations and GUIDANCE by default); a student's are
-    its own steps, guidance 1 (its guidance is in its weights) and the grid time nearest the
-    strength. Settings a student cannot honour are refused (UserError) -> (steps, guidance,
-    strength)."""
+    its own steps, guidance 1 (its guidance is in its weights; 0, no class, stays 0: it learned
+    that too) and the grid time nearest the strength. Settings a student cannot honour are
+    refused (UserError) -> (steps, guidance, strength)."""
     info = distilled_of(model)
     if info is None:
         return 20 if steps is None else steps, GUIDANCE if guidance is None else guidance, strength
-    if sampler != "ddim":
-        raise UserError(f"a distilled student samples with ddim only (it learned its steps), not {sampler}")
+    if sampler != "ddim" or eta != 0:
+        raise UserError("a distilled student samples with deterministic ddim only (it learned those steps)")
     if steps not in (None, info["steps"]):
         raise UserError(f"this student was distilled for {info['steps']} steps, not --steps {steps}")
-    if guidance is not None:
-        raise UserError(f"this student paints at its own guidance ({info['guidance']:g}): drop --guidance")
-    return info["steps"], 1.0, None if strength is None else student_strength(strength, info["steps"])
+    if guidance not in (None, 0):
+        raise UserError(
+            f"this student paints at its own guidance ({info['guidance']:g}): drop --guidance (0: no class)"
+        )
+    guidance = 1.0 if guidance is None else 0.0
+    return info["steps"], guidance, None if strength is None else student_strength(strength, info["steps"])
+
+
+def refuse_student(model, path, why):
+    """A UserError for a script that cannot sample a student as it was taught."""
+    if distilled_of(model) is not None:
+        raise UserError(f"{path} is a distilled student: {why}")

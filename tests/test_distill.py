@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from test_checkpoint import tiny_checkpoint
 from test_samplers import S0, M, ideal_model
+from torchvision.utils import save_image
 
 import sd_distill
 from conftest import TINY, StopAfter
@@ -17,6 +18,8 @@ from lib.cli import UserError
 from lib.diffusion import SIGNAL_RATES, Guided, ddim_sample, diffusion_schedule
 from lib.distill import distillation_loss, sampling_settings, student_strength, teacher_x0
 from lib.files import atomic_save
+from lib.normalization import model_stats
+from lib.sample import generate, initial_noise
 from lib.samplers import t_of_sigma
 from lib.unet import build_unet
 from sd_distill import main
@@ -132,8 +135,12 @@ def student_checkpoint(path, steps=4, classes=0):
     cfg = dict(TINY, distilled=dict(steps=steps, teacher_steps=5 * steps, guidance=2.0))
     if classes:
         cfg |= dict(num_classes=classes, classes=[str(i) for i in range(classes)])
-    torch.manual_seed(0)
-    atomic_save(make_checkpoint(cfg, [0.5] * 3, [0.25] * 3, build_unet(cfg).state_dict()), path)
+    torch.manual_seed(1)  # weights apart from tiny_checkpoint's (seed 0)
+    net = build_unet(cfg)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # the zero-initialised layers too
+    atomic_save(make_checkpoint(cfg, [0.5] * 3, [0.25] * 3, net.state_dict()), path)
     return cfg
 
 
@@ -144,12 +151,15 @@ def test_a_student_samples_only_as_it_was_taught(tmp_path):
     assert sampling_settings(model, "ddim", None, None) == (4, 1.0, None)
     assert sampling_settings(model, "ddim", 4, None, strength=0.6) == (4, 1.0, 0.5)
     for sampler, steps, guidance, said in [
-        ("dpm++2m", None, None, "ddim only"),
+        ("dpm++2m", None, None, "deterministic ddim only"),
         ("ddim", 20, None, "distilled for 4 steps, not --steps 20"),
         ("ddim", None, 2.0, "drop --guidance"),
     ]:
         with pytest.raises(UserError, match=said):
             sampling_settings(model, sampler, steps, guidance)
+    with pytest.raises(UserError, match="deterministic ddim only"):
+        sampling_settings(model, "ddim", None, None, eta=1.0)
+    assert sampling_settings(model, "ddim", None, 0)[1] == 0  # no class: it learned that path too
     tiny_checkpoint(tmp_path / "t.pt")
     teacher, _ = load_model(tmp_path / "t.pt")
     assert sampling_settings(teacher, "heun", None, 3.0, 0.6) == (20, 3.0, 0.6)
@@ -180,55 +190,77 @@ def test_the_command_distills_saves_and_resumes_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(sd_distill, "StopRequest", lambda: StopAfter(2))
     argv = [str(tmp_path / "t.pt"), str(tmp_path / "half.pt"), *common]
     assert main(argv) == 130
-    half_way = read_checkpoint(tmp_path / "half.pt")
-    assert half_way["train"]["distill"]["step"] == 2
+    assert read_checkpoint(tmp_path / "half.pt")["train"]["distill"]["step"] == 2
     monkeypatch.undo()
-    assert main([*argv, "--resume"]) == 0
+    assert main([*argv, "--resume", "--max-steps", "8"]) == 2  # a resumed run keeps its settings
+    data = common[:4]  # the settings come from the file; the data flags are the command's
+    assert main([str(tmp_path / "t.pt"), str(tmp_path / "half.pt"), *data, "--resume"]) == 0
     resumed = read_checkpoint(tmp_path / "half.pt")
     assert "train" not in resumed and resumed["config"] == full["config"]
     for k, v in full["ema"].items():
         assert torch.equal(resumed["ema"][k], v), k
+
     # the finished student is not resumable; it may teach a student of fewer steps on its grid
     assert main([*argv, "--resume"]) == 2
     student_argv = [str(tmp_path / "full.pt"), str(tmp_path / "one.pt"), *common[:-2]]
     assert main([*student_argv, "--steps", "2"]) == 2  # 2 x 5 substeps is not its 2 steps
     assert main([*student_argv, "--steps", "1", "--substeps", "2", "--guidance", "2"]) == 2
     assert main([*student_argv, "--steps", "1", "--substeps", "2"]) == 0
-    assert read_checkpoint(tmp_path / "one.pt")["config"]["distilled"] == dict(
-        steps=1, teacher_steps=10, guidance=1.0
-    )
+    one = read_checkpoint(tmp_path / "one.pt")["config"]["distilled"]
+    assert one == dict(steps=1, teacher_steps=10, guidance=1.0)  # the first teacher's steps
+
+
+def test_a_class_conditional_student_learns_at_the_guidance_it_records(tmp_path, capsys):
+    cfg = dict(TINY, num_classes=2, classes=["a", "b"])
+    torch.manual_seed(0)
+    atomic_save(make_checkpoint(cfg, [0.5] * 3, [0.25] * 3, build_unet(cfg).state_dict()), tmp_path / "c.pt")
+    (tmp_path / "p").mkdir()
+    for name in ("a", "b"):
+        pictures(tmp_path / "p" / name, n=6)
+    flags = ["--image-dir", str(tmp_path / "p"), "--cache-dir", str(tmp_path / "c"), "--batch-size", "4"]
+    flags += ["--max-steps", "2", "--guidance", "3"]
+    assert main([str(tmp_path / "c.pt"), str(tmp_path / "s.pt"), *flags]) == 0
+    student = read_checkpoint(tmp_path / "s.pt")
+    assert student["config"]["distilled"] == dict(steps=4, teacher_steps=20, guidance=3.0)
+    assert student["config"]["classes"] == ["a", "b"]
+    tiny_checkpoint(tmp_path / "u.pt")
+    assert main([str(tmp_path / "u.pt"), str(tmp_path / "x.pt"), *flags]) == 2  # nothing to guide
+    assert "unconditional" in capsys.readouterr().err
 
 
 def test_the_scripts_sample_a_student_at_its_own_settings(tmp_path, capsys):
+    import sd_app
     import sd_eval
     import sd_inference
 
     student_checkpoint(tmp_path / "s.pt", classes=3)
-    paint = ["--checkpoint", str(tmp_path / "s.pt"), "--no-show", "--num-images", "2", "--device", "cpu"]
-    assert (
-        sd_inference.main([*paint, "--out", str(tmp_path / "a.png"), "--save-dir", str(tmp_path / "a")]) == 0
-    )
-    explicit = [*paint, "--steps", "4", "--out", str(tmp_path / "b.png"), "--save-dir", str(tmp_path / "b")]
-    assert sd_inference.main(explicit) == 0
-    for i in range(2):  # no --steps is the student's 4
-        name = f"sample_0_{i:04d}.png"
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    paint = ["--checkpoint", str(tmp_path / "s.pt"), "--no-show", "--num-images", "2", "--class", "0,1"]
+    to_a = ["--out", str(tmp_path / "a.png"), "--save-dir", str(tmp_path / "a")]
+    assert sd_inference.main([*paint, *to_a]) == 0
+    # what it painted: 4 DDIM steps of the student, guided once (by its weights), not twice
+    model, ckpt = load_model(tmp_path / "s.pt")
+    noise, labels = initial_noise(2, 32, 0), torch.tensor([0, 1])
+    for scale, same in [(1.0, True), (GUIDANCE, False)]:
+        images = generate(model, noise, *model_stats(ckpt), steps=4, labels=labels, guidance=scale)
+        for i, image in enumerate(images):
+            save_image(image, tmp_path / "expected.png")
+            painted = (tmp_path / "a" / f"sample_0_{i:04d}.png").read_bytes()
+            assert (painted == (tmp_path / "expected.png").read_bytes()) == same, (scale, i)
+
     drawing = tmp_path / "d.png"
     Image.new("RGB", (40, 40), "red").save(drawing)
     sketch = [*paint, "--init-image", str(drawing), "--strength", "0.6", "--out", str(tmp_path / "c.png")]
     assert sd_inference.main(sketch) == 0
     assert "--strength 0.6 taken as 0.5" in capsys.readouterr().out
+    assert sd_inference.main([*paint, "--guidance", "0", "--out", str(tmp_path / "d.png")]) == 0  # no class
+    out = ["--no-show", "--out", str(tmp_path / "x.png")]
     for script, flags, said in [
-        (sd_inference, ["--steps", "20"], "distilled for 4 steps"),
-        (sd_inference, ["--guidance", "3"], "drop --guidance"),
-        (sd_inference, ["--sampler", "heun"], "ddim only"),
+        (sd_inference, ["--steps", "20", *out], "distilled for 4 steps"),
+        (sd_inference, ["--guidance", "3", *out], "drop --guidance"),
+        (sd_inference, ["--sampler", "heun", *out], "deterministic ddim only"),
+        (sd_inference, ["--eta", "1", *out], "deterministic ddim only"),
         (sd_eval, ["--steps", "8"], "distilled for 4 steps"),
+        (sd_app, [], "give its teacher as --checkpoint"),
     ]:
-        argv = ["--checkpoint", str(tmp_path / "s.pt"), *flags]
-        assert (
-            script.main(
-                argv + (["--no-show", "--out", str(tmp_path / "x.png")] if script is sd_inference else [])
-            )
-            == 2
-        )
+        assert script.main(["--checkpoint", str(tmp_path / "s.pt"), *flags]) == 2, flags
         assert said in capsys.readouterr().err
