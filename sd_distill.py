@@ -39,23 +39,31 @@ def get_parser():
     p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("teacher", help="the trained model (any checkpoint this repo reads)")
     p.add_argument("out", help="the student's checkpoint (and, until it is done, its training state)")
-    p.add_argument("--steps", type=int, help="the student's DDIM steps (default 4)")
-    p.add_argument("--substeps", type=int, help="teacher DDIM steps per student step (default 5)")
+    p.add_argument("--steps", type=int, help=f"the student's DDIM steps (default {DEFAULTS['steps']})")
+    p.add_argument(
+        "--substeps", type=int, help=f"teacher DDIM steps per student step (default {DEFAULTS['substeps']})"
+    )
     p.add_argument(
         "--guidance",
         type=float,
         help=f"class-conditional teacher: its guidance scale, which the student learns to paint at "
         f"(default {GUIDANCE}; a student as teacher keeps its own)",
     )
-    p.add_argument("--batch-size", type=int, help="images a step (default 16)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps; the LR falls linearly to 0 (default 600)")
-    p.add_argument("--lr", type=float, help="Adam's at the first step (default 1e-4)")
+    p.add_argument("--batch-size", type=int, help=f"images a step (default {DEFAULTS['batch_size']})")
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        help=f"optimizer steps; the LR falls linearly to 0 (default {DEFAULTS['max_steps']})",
+    )
+    p.add_argument("--lr", type=float, help=f"Adam's at the first step (default {DEFAULTS['lr']:g})")
     p.add_argument(
         "--label-dropout",
         type=float,
-        help="class-conditional: the share of images taught without a class (default 0.1)",
+        help=f"class-conditional: the share taught without a class (default {DEFAULTS['label_dropout']})",
     )
-    p.add_argument("--seed", type=int, help="of the images, times and noise drawn (default 0)")
+    p.add_argument(
+        "--seed", type=int, help=f"of the images, times and noise drawn (default {DEFAULTS['seed']})"
+    )
     p.add_argument("--save-every", type=int, default=50, help="steps between saves of the state")
     p.add_argument("--resume", action="store_true", help="continue the run saved in OUT, at its settings")
     add_model_data_args(p)
@@ -149,8 +157,7 @@ def start(args, device):
     g = torch.Generator(device).manual_seed(args.seed)
     if saved is None:
         return teacher, ckpt, student, info, guidance, optimizer, g, 0
-    network_of = lambda cfg: {k: v for k, v in cfg.items() if k != "distilled"}  # noqa: E731
-    if network_of(saved["config"]) != network_of(ckpt["config"]):
+    if dict(saved["config"], distilled=None) != dict(ckpt["config"], distilled=None):  # the same network
         raise UserError(
             f"{args.teacher} is not the teacher of {args.out} (the run started from {state['teacher']})"
         )
