@@ -54,6 +54,7 @@ RECIPES = {
         ema_decay=0.999,
         ema_warmup=False,
         ema_power=0.0,
+        ema_bn_stats="live",
         loss="l1",
         min_snr_gamma=0.0,
         prediction="eps",
@@ -70,6 +71,7 @@ RECIPES = {
         ema_decay=0.995,
         ema_warmup=True,
         ema_power=0.0,
+        ema_bn_stats="live",
         loss="l2",
         min_snr_gamma=5.0,
         prediction="eps",
@@ -244,6 +246,15 @@ def add_recipe_args(p):
         "--ema-power",
         type=float,
         help=recipe_help("ema_power", "EDM2's power EMA with this exponent instead of the two above; 0: off"),
+    )
+    p.add_argument(
+        "--ema-bn-stats",
+        choices=["live", "own"],
+        help=recipe_help(
+            "ema_bn_stats",
+            "the averaged weights' BatchNorm statistics: copied from the live network, or their own "
+            "(recomputed over 50 training batches before each save, as SWA does)",
+        ),
     )
     p.add_argument("--loss", choices=["l1", "l2"], help=recipe_help("loss", "error of the prediction"))
     p.add_argument(
@@ -477,7 +488,7 @@ def train(args, resumed, stop, ctx=distributed.ALONE):
         interrupted = distributed.any_rank(stop.requested, ctx, device)
         why = run.halt_reason(interrupted)  # a stop request, the time budget, or "" to go on
         if why and not reached_end:
-            run.save("last.pt")
+            run.save("last.pt", own_bn=not interrupted)
             run.log(f"{why} in epoch {epoch} after {run.state['images_done']} images; {run.resume_hint()}")
             return run.training
         run.end_epoch(interrupted)

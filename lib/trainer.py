@@ -13,6 +13,7 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from lib import distributed
+from lib.bn_stats import recompute_bn_stats
 from lib.checkpoint import load_weights, make_checkpoint
 from lib.classes import GUIDANCE, classes_across
 from lib.cli import UserError
@@ -22,7 +23,7 @@ from lib.files import atomic_save
 from lib.metrics import KidProbe
 from lib.normalization import FLOWERS_MEAN, FLOWERS_STD, compute_stats, model_stats, to_model_space
 from lib.run_folder import write_log
-from lib.runtime import sum_dtype
+from lib.runtime import autocast, sum_dtype
 from lib.sample import generate, initial_noise
 from lib.schedule import fix_rate, lr_factor, progress_at, total_steps, trained_minutes, window_done
 from lib.training import Training, ema_decay_at
@@ -92,7 +93,10 @@ class TrainingRun:
         self.budget_done = False
         self.first_step = None  # (global step, seconds trained) after this session's first step
         kid_here = args.eval_every > 0 and ctx.is_main
-        images, labels = self.load_data(resumed or init, kid_here)
+        own_bn = args.ema_bn_stats == "own" and ctx.is_main
+        images, labels = self.load_data(resumed or init, kid_here or own_bn)
+        self.bn_images = (images, labels) if own_bn else None
+        self.bn_step = None  # the step at which the EMA's own BatchNorm statistics were last computed
         self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.training.opt,
             mode="min",
@@ -227,8 +231,10 @@ class TrainingRun:
         epoch, done = self.state["epoch"] + 1, self.state["images_done"]
         self.log(f"resumed {args.resume}: epoch {epoch}, {done} images into it; writing to {self.out_dir}")
 
-    def save(self, name):
-        """Write out_dir/name. Collective (every rank's RNG state is gathered); rank 0 writes."""
+    def save(self, name, own_bn=True):
+        """Write out_dir/name. Collective (every rank's RNG state is gathered); rank 0 writes.
+        With --ema-bn-stats own, the averaged weights get their own BatchNorm statistics first
+        (own_bn=False, for a stop request: the stop stays quick, the next save computes them)."""
         ctx, run = self.ctx, self.training
         model_state, ema_state = run.model.state_dict(), run.ema.state_dict()
         weights = [t for t in (*model_state.values(), *ema_state.values()) if t.is_floating_point()]
@@ -245,6 +251,9 @@ class TrainingRun:
             torch.distributed.all_gather_object(gen_states, self.gen.get_state().cpu())
         if not ctx.is_main:
             return
+        if own_bn and self.bn_images is not None and self.bn_step != self.state["global_step"]:
+            self.own_bn_stats()
+            ema_state = run.ema.state_dict()
         train_state = dict(
             self.state,
             run_id=self.run_id,
@@ -258,6 +267,24 @@ class TrainingRun:
         )
         ckpt = make_checkpoint(self.cfg, self.mean, self.std, ema_state, train_state)
         atomic_save(ckpt, self.out_dir / name)
+
+    def own_bn_stats(self):
+        """The EMA network's BatchNorm statistics, recomputed under its own weights (SWA's fix,
+        lib/bn_stats.py) on fixed training batches. The next step's EMA update copies the live
+        statistics back in, so training (and a resume) goes on exactly as without this."""
+        images, labels = self.bn_images
+        with autocast(self.device, self.training.precision):
+            recompute_bn_stats(
+                self.training.ema,
+                self.mean,
+                self.model_std,
+                images,
+                labels,
+                batch_size=min(64, len(images)),
+                seed=self.args.seed,
+                label_dropout=self.args.label_dropout,
+            )
+        self.bn_step = self.state["global_step"]
 
     def train_epoch(self, stop):
         """The rest of the current epoch, until its end or a stop request -> True if it reached the end."""
@@ -429,7 +456,7 @@ class TrainingRun:
             epoch % args.save_every == 0 or final or interrupted or self.budget_done or kid_due or grid_due
         )
         if save_due:
-            self.save("last.pt")
+            self.save("last.pt", own_bn=not interrupted)
         kid = None  # rank 0 measures it; the other ranks do not need it for any decision
         if kid_due and self.kid_probe is not None:
             with self.after_save("the KID probe", epoch):
@@ -445,7 +472,7 @@ class TrainingRun:
         if kid_due:  # last.pt again, now with the KID in its log
             self.save("last.pt")
         if improved:
-            self.save("best.pt")
+            self.save("best.pt", own_bn=not interrupted)
         if self.ctx.is_main and grid_due:
             with self.after_save("the sample grid", epoch):
                 self.sample_grid(epoch)

@@ -14,12 +14,13 @@ from torch.utils.data import DataLoader
 
 import sd_train
 from conftest import ROOT, TINY, StopAfter, assert_same_state, loss_curve, run_args
+from lib.bn_stats import recompute_bn_stats
 from lib.checkpoint import load_model, make_checkpoint, read_checkpoint
 from lib.data import _ignore_stop_signals, load_images, start_workers
 from lib.diffusion import signal_rates_of
 from lib.normalization import FLOWERS_MEAN, model_stats, to_model_space
 from lib.run_folder import lock_run_folder
-from lib.runtime import pick_precision
+from lib.runtime import autocast, pick_precision
 from lib.unet import build_unet
 
 
@@ -130,6 +131,30 @@ def test_stop_mid_epoch_then_resume_equals_an_uninterrupted_run(data_root, tmp_p
     assert (state["epoch"], state["epoch_steps"], state["images_done"]) == (1, 2, 32)
     assert sd_train.main(["--resume", str(tmp_path / "split" / "last.pt")]) == 0
     assert_same_state(tmp_path / "straight" / "last.pt", tmp_path / "split" / "last.pt")
+
+
+def test_ema_bn_stats_own_gives_the_average_its_own_statistics_and_changes_nothing_else(data_root, tmp_path):
+    """--ema-bn-stats own: last.pt's averaged weights carry the BatchNorm statistics lib.bn_stats
+    computes for them on the run's images; the weights, the live network, Adam and the losses are
+    those of the same run without it, also across a resume (the next step copies them back)."""
+    assert sd_train.main(run_args(data_root, tmp_path / "live", "--epochs", "2")) == 0
+    assert sd_train.main(run_args(data_root, tmp_path / "own", "--epochs", "1", "--ema-bn-stats", "own")) == 0
+    assert sd_train.main(["--resume", str(tmp_path / "own" / "last.pt"), "--epochs", "2"]) == 0
+    live, own = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("live", "own"))
+    assert own["train"]["args"]["ema_bn_stats"] == "own" and live["train"]["args"]["ema_bn_stats"] == "live"
+    stats = {k for k in own["ema"] if "running_" in k or "num_batches" in k}  # BatchNorm's buffers
+    for k in own["ema"]:
+        assert torch.equal(own["ema"][k], live["ema"][k]) == (k not in stats), k
+    for k in own["train"]["model"]:
+        assert torch.equal(own["train"]["model"][k], live["train"]["model"][k]), k
+    assert [r["loss"] for r in own["train"]["log"]] == [r["loss"] for r in live["train"]["log"]]
+
+    averaged, ckpt = load_model(tmp_path / "live" / "last.pt")  # the same weights, live statistics
+    mean, std = model_stats(ckpt)
+    with autocast(torch.device("cpu"), pick_precision("auto", torch.device("cpu"))):
+        recompute_bn_stats(averaged, mean, std, load_images(32, data_root, limit=64), batch_size=64, seed=0)
+    for k, v in averaged.state_dict().items():
+        torch.testing.assert_close(v, own["ema"][k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_stop_at_an_epoch_end_saves_without_sampling_first(data_root, tmp_path):
