@@ -87,6 +87,18 @@ def run_script(script, argv, stdout=None):
             continue
 
 
+def sd_eval_output(name, argv):
+    """Run sd_eval.py for run `name` (its output passed on) -> what it printed."""
+    with tempfile.TemporaryFile("w+") as out:
+        status = run_script("sd_eval.py", argv, stdout=out)
+        out.seek(0)
+        text = out.read()
+    print(text, end="", flush=True)
+    if status != 0:
+        raise UserError(f"{name}: sd_eval.py stopped with status {status}")
+    return text
+
+
 SCORE = re.compile(r"^samples: KID \[[^]]+\] (\S+) ± (\S+)\s+FID \[[^]]+\] (\S+)", re.M)
 TOP1 = re.compile(r"^samples: top-1 (\S+),", re.M)
 
@@ -99,13 +111,7 @@ def evaluate(name, args, floor):
         extra.append("--class-fidelity")  # how often its samples are of the kind asked for
     argv = ["--checkpoint", checkpoint, "--data-root", args.data_root, "--cache-dir", args.cache_dir]
     print(f"{name}: final scores", flush=True)
-    with tempfile.TemporaryFile("w+") as out:
-        status = run_script("sd_eval.py", [*argv, *extra], stdout=out)
-        out.seek(0)
-        text = out.read()
-    print(text, end="", flush=True)
-    if status != 0:
-        raise UserError(f"{name}: sd_eval.py stopped with status {status}")
+    text = sd_eval_output(name, [*argv, *extra])
     kid, kid_err, fid = map(float, SCORE.search(text).groups())
     top1 = TOP1.search(text)
     return dict(kid=kid, kid_err=kid_err, fid=fid, top1=float(top1.group(1)) if top1 else None)

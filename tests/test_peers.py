@@ -1,0 +1,91 @@
+"""benchmarks/peers.py: each system trains for the budget, paints, is scored and drawn; a second
+run reuses the scores; the table and sd_eval.py's lines read back; bad systems are one line."""
+
+import json
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT))
+from benchmarks import peers
+from benchmarks.peer_systems import PEERS, missing_packages
+
+
+def pictures(folder, n=24, size=32):
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        pixels = torch.randint(0, 256, (size, size, 3), dtype=torch.uint8, generator=g)
+        Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.mark.skipif(
+    bool(missing_packages(list(PEERS))),
+    reason=f"the peers' packages are not installed ({missing_packages(list(PEERS))}): "
+    "pip install -r requirements-peers.txt",
+)
+def test_every_system_trains_for_the_budget_then_is_scored_and_drawn(tmp_path, capsys):
+    argv = ["--image-dir", str(pictures(tmp_path / "real")), "--image-size", "32", "--minutes", "0.01"]
+    argv += ["--num-samples", "3", "--steps", "2", "--out-dir", str(tmp_path / "out")]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--figure", str(tmp_path / "peers.png")]
+    argv += ["--system", "diffusers", "--system", "ddpm-pytorch"]
+    argv += ["--system", "ours: --recipe improved --batch-size 8 --num-workers 0"]
+    assert peers.main(argv) == 0
+    for name in ("diffusers", "ddpm-pytorch", "ours"):
+        record = json.loads((tmp_path / "out" / name / "record.json").read_text())
+        assert record["steps"] >= 1 and record["images_per_s"] > 0, record
+        assert record["kid_err"] >= 0 and record["fid"] >= 0 and record["extractor"] == "efficientnet-lite0"
+    for name in ("diffusers", "ddpm-pytorch"):  # their own samplers' images, scored from the folder
+        shots = sorted((tmp_path / "out" / name / "samples").iterdir())
+        assert [p.name for p in shots] == ["00000.png", "00001.png", "00002.png"]
+        assert Image.open(shots[0]).size == (32, 32)
+        assert json.loads((tmp_path / "out" / name / "record.json").read_text())["departures"]
+    table = (tmp_path / "out" / "peers.md").read_text()
+    assert (
+        table.count("\n| ") == 4 and "| ours (`--recipe improved --batch-size 8 --num-workers 0`) |" in table
+    )
+    assert Image.open(tmp_path / "peers.png").size[0] == 900
+    capsys.readouterr()
+    assert peers.main(argv) == 0  # the same command again: every system scored already
+    assert capsys.readouterr().out.count("scored already") == 3
+
+
+def test_the_table_and_sd_evals_lines():
+    text = "real: 8189 images\nsamples: KID [efficientnet-lite0] 0.03750 ± 0.00090   "
+    text += "FID [efficientnet-lite0] 48.012"
+    assert peers.parse_scores(text) == dict(
+        kid=0.0375, kid_err=0.0009, fid=48.012, extractor="efficientnet-lite0"
+    )
+    with pytest.raises(peers.UserError, match="no 'samples: KID"):
+        peers.parse_scores("total 3s")
+    rows = [
+        dict(
+            system="diffusers",
+            steps=700,
+            batch_size=16,
+            images_per_s=9.71,
+            kid=0.2,
+            kid_err=0.004,
+            fid=150.0,
+            extractor="efficientnet-lite0",
+        ),
+        dict(system="best", flags="--recipe improved", steps=1200, batch_size=32, images_per_s=60.0),
+    ]
+    table = peers.table(rows, 20)
+    assert "| diffusers | 700 x 16 | 9.7 | 0.2000 ± 0.0040 | 150.0 |" in table
+    assert "| best (`--recipe improved`) | 1200 x 32 | 60.0 |  |  |" in table
+    assert "KID [efficientnet-lite0]" in table and "20 minutes" in table
+
+
+def test_bad_systems_and_budgets_are_one_line(capsys):
+    assert peers.main(["--system", "keras"]) == 2
+    assert "one of diffusers, ddpm-pytorch, or 'NAME: sd_train.py flags'" in capsys.readouterr().err
+    assert peers.main(["--system", "diffusers: --recipe improved"]) == 2  # a peer's name for one of ours
+    capsys.readouterr()
+    assert peers.main(["--minutes", "0"]) == 2
+    assert "--minutes must be > 0" in capsys.readouterr().err
