@@ -28,12 +28,17 @@ CPU = torch.device("cpu")
 
 # What benchmarks/peers.py changes from each peer's defaults, as its table and records say.
 SHARED = [
-    "the images decoded once at 64 px (resized and centre-cropped as its loader does) and fed from memory",
+    "the images decoded once (resized and centre-cropped as its loader does) and fed from memory",
     "bf16 autocast where the CPU has it (else fp32), channels_last tensors",
     "trained by benchmarks/peers.py's loop for a fixed number of steps (the minutes at the timed rate)",
 ]
 PEER_DEPARTURES = {
-    "diffusers": ["UNet2DModel's widths scaled to CPU size (--diffusers-widths), layout kept", *SHARED],
+    "diffusers": [
+        "UNet2DModel CPU-sized: a level per --diffusers-widths entry (default 4; the example: 6, "
+        "128 to 512 wide), attention one level above the bottom as in the example (at 16x16 for "
+        "64 px; the example's: 4x4)",
+        *SHARED,
+    ],
     "ddpm-pytorch": [
         "Unet(dim=--ddpm-dim), CPU-sized; Trainer's FID and sample grids during training off",
         *SHARED,

@@ -38,7 +38,7 @@ from benchmarks.time_to_quality import train as train_ours
 from lib.cli import ArgumentParser, UserError, check_at_least, run_cli
 from lib.data import load_images
 from lib.run_folder import read_log
-from lib.runtime import setup
+from lib.runtime import setup, tune_for_training
 from lib.schedule import window_done
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,6 +120,8 @@ def write_samples(system, folder, args, precision):
     from torchvision.utils import save_image
 
     folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.png"):  # an earlier, unscored attempt's: sd_eval.py scores the whole folder
+        old.unlink()
     t0 = time.perf_counter()
     for start in range(0, args.num_samples, 100):
         n = min(100, args.num_samples - start)
@@ -184,12 +186,13 @@ def parse_scores(text):
     return dict(kid=kid, kid_err=kid_err, fid=fid, extractor=extractor)
 
 
-def table(records, minutes):
+def table(records, args):
     """The results as a markdown table."""
     extractor = next((r["extractor"] for r in records if "extractor" in r), "efficientnet-lite0")
     rows = [
-        f"Each system trained for {minutes:g} minutes of training steps, one after another on this machine; "
-        "1000 samples of its own 20-step DDIM sampler each.\n",
+        f"Each system trained for {args.minutes:g} minutes of training steps, one after another on this "
+        f"machine; {args.num_samples} samples of its own {args.steps}-step DDIM sampler each, "
+        f"{args.image_size} px.\n",
         f"| system | steps x batch | training images/s | KID [{extractor}] | FID [{extractor}] |",
         "|---|---:|---:|---:|---:|",
     ]
@@ -237,8 +240,22 @@ def draw(records, args):
     print(f"saved {args.figure}")
 
 
+def settings(args):
+    """What a scored system's numbers depend on besides its own flags: a record made with other
+    settings is not reused."""
+    keys = ("minutes", "num_samples", "steps", "seed", "image_size", "image_dir", "data_root")
+    return {k: getattr(args, k) for k in (*keys, "diffusers_widths", "ddpm_dim")}
+
+
 def run(args):
     check_at_least(args, num_samples=1, steps=1)
+    if args.image_size % 8:  # both peers' U-Nets halve it three times
+        raise UserError(f"--image-size must be a multiple of 8, got {args.image_size}")
+    widths = args.diffusers_widths.split(",")
+    if len(widths) < 2 or not all(w.isdigit() and int(w) % 32 == 0 and int(w) > 0 for w in widths):
+        raise UserError(
+            f"--diffusers-widths: two or more multiples of 32 (its GroupNorm), got {args.diffusers_widths}"
+        )
     if not args.minutes > 0:
         raise UserError(f"--minutes must be > 0, got {args.minutes}")
     systems = [parse_system(spec) for spec in args.system or [*PEERS, *OURS]]
@@ -247,13 +264,20 @@ def run(args):
         raise UserError(
             f"the peers' packages are not installed ({missing}): pip install -r requirements-peers.txt"
         )
-    _, precision = setup("cpu")
+    device, precision = setup("cpu")
+    tune_for_training(device)  # as sd_train.py does for this project's runs
     images = None
     records = []
     for name, flags in systems:
         path = Path(args.out_dir) / name / "record.json"
         if path.is_file():
-            records.append(json.loads(path.read_text()))
+            record = json.loads(path.read_text())
+            if record.get("settings") != settings(args):
+                raise UserError(
+                    f"{path} was scored with other settings ({record.get('settings')}): "
+                    "use another --out-dir, or delete that folder to run it again"
+                )
+            records.append(record)
             print(f"{name}: scored already ({path})")
             continue
         if flags is None:
@@ -266,9 +290,10 @@ def run(args):
             record = train_our_run(name, flags, args)
         score(record, args)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(dict(record, departures=PEER_DEPARTURES.get(name, [])), indent=1))
+        record.update(settings=settings(args), departures=PEER_DEPARTURES.get(name, []))
+        path.write_text(json.dumps(record, indent=1))
         records.append(record)
-    text = table(records, args.minutes)
+    text = table(records, args)
     (Path(args.out_dir) / "peers.md").write_text(text)
     print("\n" + text)
     draw(records, args)

@@ -1,7 +1,9 @@
 """benchmarks/peers.py: each system trains for the budget, paints, is scored and drawn; a second
 run reuses the scores; the table and sd_eval.py's lines read back; bad systems are one line."""
 
+import argparse
 import json
+import math
 import sys
 
 import pytest
@@ -53,6 +55,8 @@ def test_every_system_trains_for_the_budget_then_is_scored_and_drawn(tmp_path, c
     capsys.readouterr()
     assert peers.main(argv) == 0  # the same command again: every system scored already
     assert capsys.readouterr().out.count("scored already") == 3
+    assert peers.main([*argv, "--num-samples", "2"]) == 2  # other settings: not the same numbers
+    assert "was scored with other settings" in capsys.readouterr().err
 
 
 def test_the_table_and_sd_evals_lines():
@@ -76,10 +80,40 @@ def test_the_table_and_sd_evals_lines():
         ),
         dict(system="best", flags="--recipe improved", steps=1200, batch_size=32, images_per_s=60.0),
     ]
-    table = peers.table(rows, 20)
+    args = argparse.Namespace(minutes=20, num_samples=1000, steps=20, image_size=64)
+    table = peers.table(rows, args)
     assert "| diffusers | 700 x 16 | 9.7 | 0.2000 ± 0.0040 | 150.0 |" in table
     assert "| best (`--recipe improved`) | 1200 x 32 | 60.0 |  |  |" in table
-    assert "KID [efficientnet-lite0]" in table and "20 minutes" in table
+    assert "KID [efficientnet-lite0]" in table and "20 minutes" in table and "1000 samples" in table
+
+
+@pytest.mark.skipif(bool(missing_packages(list(PEERS))), reason="the peers' packages are not installed")
+def test_each_peer_keeps_its_packages_defaults():
+    diffusers = PEERS["diffusers"](
+        widths=[32, 64], total_steps=1000, image_size=16, sampling_steps=20, seed=0
+    )
+    opt = diffusers.opt.defaults
+    assert (opt["lr"], opt["betas"], opt["weight_decay"], opt["eps"]) == (1e-4, (0.95, 0.999), 1e-6, 1e-8)
+    factor = diffusers.lr.lr_lambdas[0]  # warmup from 0 over 500 steps, then cosine to 0 at the run's end
+    assert (factor(0), factor(250), factor(500), factor(750), factor(1000)) == pytest.approx(
+        (0, 0.5, 1, 0.5, 0)
+    )
+    ema = diffusers.ema
+    assert (ema.decay, ema.use_ema_warmup, ema.inv_gamma, ema.power) == (0.9999, True, 1.0, 0.75)
+    cfg = diffusers.schedule.config
+    assert (cfg.num_train_timesteps, cfg.beta_schedule, cfg.prediction_type) == (1000, "linear", "epsilon")
+    x0 = torch.rand(16, 3, 16, 16) * 2 - 1
+    assert math.isfinite(diffusers.train_step(x0, "fp32"))
+    images = diffusers.sample(2, seed=0, precision="fp32")
+    assert images.shape == (2, 3, 16, 16) and 0 <= images.min() < images.max() <= 1
+
+    ddpm = PEERS["ddpm-pytorch"](dim=8, total_steps=1000, image_size=16, sampling_steps=20, seed=0)
+    assert (ddpm.net.objective, ddpm.net.num_timesteps, ddpm.net.is_ddim_sampling) == ("pred_v", 1000, True)
+    assert ddpm.opt.defaults["lr"] == 1e-4 and ddpm.opt.defaults["betas"] == (0.9, 0.99)
+    assert (ddpm.ema.beta, ddpm.ema.update_every, ddpm.ema.update_after_step) == (0.995, 10, 100)
+    assert math.isfinite(ddpm.train_step(x0, "fp32"))
+    images = ddpm.sample(2, seed=0, precision="fp32")
+    assert images.shape == (2, 3, 16, 16) and 0 <= images.min() < images.max() <= 1
 
 
 def test_bad_systems_and_budgets_are_one_line(capsys):
@@ -89,3 +123,7 @@ def test_bad_systems_and_budgets_are_one_line(capsys):
     capsys.readouterr()
     assert peers.main(["--minutes", "0"]) == 2
     assert "--minutes must be > 0" in capsys.readouterr().err
+    assert peers.main(["--image-size", "36"]) == 2
+    assert "multiple of 8" in capsys.readouterr().err
+    assert peers.main(["--diffusers-widths", "32,48"]) == 2
+    assert "multiples of 32" in capsys.readouterr().err
