@@ -247,15 +247,8 @@ def add_recipe_args(p):
         type=float,
         help=recipe_help("ema_power", "EDM2's power EMA with this exponent instead of the two above; 0: off"),
     )
-    p.add_argument(
-        "--ema-bn-stats",
-        choices=["live", "own"],
-        help=recipe_help(
-            "ema_bn_stats",
-            "the averaged weights' BatchNorm statistics: copied from the live network, or their own "
-            "(recomputed over 50 training batches before each save, as SWA does)",
-        ),
-    )
+    bn_help = "the averaged weights' BatchNorm statistics: the live network's, or their own (as SWA)"
+    p.add_argument("--ema-bn-stats", choices=["live", "own"], help=recipe_help("ema_bn_stats", bn_help))
     p.add_argument("--loss", choices=["l1", "l2"], help=recipe_help("loss", "error of the prediction"))
     p.add_argument(
         "--prediction",

@@ -119,22 +119,25 @@ class TrainingRun:
             self.sample_classes = dict(
                 labels=classes_across(args.num_samples, cfg["num_classes"]), guidance=GUIDANCE
             )
-        self.kid_probe = None
-        if kid_here:
-            self.log(f"KID probe: features of the {self.n_images} training images (efficientnet-lite0)")
-            self.kid_probe = KidProbe(
-                images,
-                self.mean,
-                self.model_std,
-                args.eval_samples,
-                args.eval_steps,
-                args.seed + 1,
-                precision,
-                device,
-                args.cache_dir,
-                args.sampler,
-                labels,
-            )
+        self.kid_probe = self.make_kid_probe(images, labels, precision) if kid_here else None
+
+    def make_kid_probe(self, images, labels, precision):
+        """The training-time KID probe of --eval-every, against the training images."""
+        args = self.args
+        self.log(f"KID probe: features of the {self.n_images} training images (efficientnet-lite0)")
+        return KidProbe(
+            images,
+            self.mean,
+            self.model_std,
+            args.eval_samples,
+            args.eval_steps,
+            args.seed + 1,
+            precision,
+            self.device,
+            args.cache_dir,
+            args.sampler,
+            labels,
+        )
 
     def load_data(self, saved, keep_images):
         """Set the batch source and the normalization -> the decoded images (or None) and, for a

@@ -77,7 +77,9 @@ def test_save_every_writes_every_nth_epoch_and_the_last(data_root, tmp_path, mon
     from lib.trainer import TrainingRun
 
     written, save = [], TrainingRun.save
-    monkeypatch.setattr(TrainingRun, "save", lambda run, name: written.append((run.state["epoch"], name)))
+    monkeypatch.setattr(
+        TrainingRun, "save", lambda run, name, **_: written.append((run.state["epoch"], name))
+    )
     assert sd_train.main(run_args(data_root, tmp_path, "--epochs", "5", "--save-every", "2")) == 0
     # epochs 2 and 4, the last, and epoch 1, whose sample grid is drawn (run_args: --sample-every 100)
     assert [e for e, name in written if name == "last.pt"] == [1, 2, 4, 5]
