@@ -174,7 +174,9 @@ def machine(device):
 
 
 def build_sides(preset, cfg, args, device, precision, steps, n_images):
-    """-> {"literal": (Training, JPEG loader), "fast": (Training, decoded batches)}."""
+    """-> {path name: (Training, loader, precision)}: the literal path (JPEG workers) and the fast
+    one (decoded images); with --parts also the literal path in fp32 and the fast path with one
+    part changed at a time."""
     jpegs = JpegBatches(
         cfg["image_size"],
         device,
@@ -190,17 +192,29 @@ def build_sides(preset, cfg, args, device, precision, steps, n_images):
             "lower --steps, --warmup or --batch"
         )
     decoded = DecodedBatches(load_images(cfg["image_size"], args.data_root, limit=n_images), device)
-    return {
-        "literal": (Training(cfg, device, literal_precision(device), 3e-4, literal=True), jpegs),
-        "fast": (Training(cfg, device, precision, 3e-4, compile=args.compile), decoded),
+    literal = literal_precision(device)
+    sides = {
+        "literal": (Training(cfg, device, literal, 3e-4, literal=True), jpegs, literal),
+        "fast": (Training(cfg, device, precision, 3e-4, compile=args.compile), decoded, precision),
     }
+    if args.parts:
+        sides["literal, fp32"] = (Training(cfg, device, "fp32", 3e-4, literal=True), jpegs, "fp32")
+        other = "fp32" if precision != "fp32" else literal
+        sides[f"fast, {other}"] = (Training(cfg, device, other, 3e-4), decoded, other)
+        nchw = Training(cfg, device, precision, 3e-4)
+        for net in (nchw.model, nchw.ema):
+            net.to(memory_format=torch.contiguous_format)
+        nchw.memory_format = torch.contiguous_format
+        sides["fast, NCHW"] = (nchw, decoded, precision)
+        sides["fast, JPEG loader"] = (Training(cfg, device, precision, 3e-4), jpegs, precision)
+    return sides
 
 
 def time_sampling(name, run, noise, precision, device):
     """images/s of 20-step DDIM with the side's EMA network."""
     run.ema.eval()
     t0 = time.perf_counter()
-    if name == "literal":
+    if name.startswith("literal"):
         sample_literal(run.ema, noise, 20)
     else:
         generate(run.ema, noise, FLOWERS_MEAN, FLOWERS_STD, steps=20, precision=precision)
@@ -208,11 +222,11 @@ def time_sampling(name, run, noise, precision, device):
     return len(noise) / (time.perf_counter() - t0)
 
 
-def measure(preset, sides, args, steps, n_images, noise, precision, device):
-    """Alternating timed rounds of both sides, then a memory pass -> {side: measurements}."""
+def measure(preset, sides, args, steps, n_images, noise, device):
+    """Alternating timed rounds of all sides, then a memory pass -> {side: measurements}."""
     results = {name: dict(train=[], sample=[]) for name in sides}
     for r in range(args.rounds):
-        for name, (run, data) in sides.items():
+        for name, (run, data, precision) in sides.items():
             seconds = time_training(run, data, n_images, args.batch, steps, args.warmup, r, device)
             results[name]["train"].append(args.batch * steps / seconds)
             results[name]["sample"].append(time_sampling(name, run, noise, precision, device))
@@ -222,7 +236,7 @@ def measure(preset, sides, args, steps, n_images, noise, precision, device):
                 file=sys.stderr,
             )
     # Memory in a pass of its own: the CPU's RSS sampling thread would slow the timed rounds.
-    for name, (run, data) in sides.items():
+    for name, (run, data, precision) in sides.items():
         with PeakMemory(device) as mem:
             time_training(run, data, n_images, args.batch, steps, args.warmup, args.rounds, device)
         results[name]["train_mem"] = mem.peak
@@ -233,7 +247,8 @@ def measure(preset, sides, args, steps, n_images, noise, precision, device):
 
 
 def bench_preset(preset, args, device, precision):
-    """Both paths of one preset -> its two table rows (the best round of each: least disturbed)."""
+    """Both paths of one preset (and --parts' variants) -> a table row each (the best round of
+    each: least disturbed)."""
     cfg = model_config(preset)
     small = cfg["image_size"] <= 64  # the 64 px presets time in seconds on a CPU
     steps = args.steps or (20 if small or device.type == "cuda" else 4)
@@ -242,7 +257,7 @@ def bench_preset(preset, args, device, precision):
     flops_per_image = train_flops(sides["fast"][0], cfg, 2, device) / 2  # FLOPs grow linearly with the batch
     n_sample = args.sample_images or (64 if device.type == "cuda" else 16 if small else 4)
     noise = initial_noise(n_sample, cfg["image_size"], seed=0)
-    results = measure(preset, sides, args, steps, n_images, noise, precision, device)
+    results = measure(preset, sides, args, steps, n_images, noise, device)
     peak = gpu_peak(torch.cuda.get_device_name()) if device.type == "cuda" else None
     rows = []
     for name, res in results.items():
@@ -253,7 +268,7 @@ def bench_preset(preset, args, device, precision):
                 preset=preset,
                 batch=args.batch,
                 path="fast, compiled" if name == "fast" and args.compile else name,
-                precision=literal_precision(device) if name == "literal" else precision,
+                precision=sides[name][2],
                 train=train_ips,
                 sample=max(res["sample"]),
                 train_mem=megabytes(res["train_mem"]),
@@ -297,6 +312,11 @@ def main(argv=None):
         "--num-workers", type=int, default=4, help="the literal loader's processes (the original: 4)"
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path")
+    p.add_argument(
+        "--parts",
+        action="store_true",
+        help="also time literal in fp32, fast in its other precision, in NCHW, with JPEG workers",
+    )
     return run_cli(run, p.parse_args(argv))
 
 

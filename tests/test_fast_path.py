@@ -68,6 +68,20 @@ def test_benchmark_names_its_peak_and_refuses_too_few_images(data_root, capsys):
     assert "need 13440 images, the data has 8189" in capsys.readouterr().err
 
 
+def test_benchmark_parts_time_each_variant_in_its_own_precision(data_root, capsys):
+    """--parts: a row per variant, each in the precision it names, against the literal row."""
+    from benchmarks.benchmark import main
+
+    tiny = "--presets flowers64 --batch 2 --steps 1 --warmup 0 --rounds 1 --sample-images 1 --num-workers 0"
+    assert main(["--data-root", str(data_root), *tiny.split(), "--precision", "fp32", "--parts"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split(" | ") for line in lines if line.startswith("| flowers64")]
+    got = {row[2]: (row[3], row[5]) for row in rows}
+    assert set(got) == {"literal", "fast", "literal, fp32", "fast, bf16", "fast, NCHW", "fast, JPEG loader"}
+    assert got["literal"] == ("bf16", "1.00") and got["literal, fp32"][0] == got["fast"][0] == "fp32"
+    assert got["fast, bf16"][0] == "bf16" and got["fast, NCHW"][0] == got["fast, JPEG loader"][0] == "fp32"
+
+
 def test_benchmark_counts_every_convolution_of_a_training_step():
     from benchmarks.benchmark import train_flops
     from lib.training import Training

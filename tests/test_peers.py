@@ -127,3 +127,29 @@ def test_bad_systems_and_budgets_are_one_line(capsys):
     assert "multiple of 8" in capsys.readouterr().err
     assert peers.main(["--diffusers-widths", "32,48"]) == 2
     assert "multiples of 32" in capsys.readouterr().err
+
+
+def test_the_profile_puts_each_systems_step_time_in_categories(capsys):
+    """benchmarks/peer_profile.py: a row per system whose categories add up to about its measured
+    step (the profiler's own overhead aside), with convolutions among them, and FLOPs per image
+    that do not depend on the batch."""
+    from benchmarks import peer_profile
+
+    systems = ["best", *([] if missing_packages(["ddpm-pytorch"]) else ["ddpm-pytorch"])]
+    argv = ["--systems", *systems, "--steps", "1", "--warmup", "1", "--image-size", "32"]
+    assert peer_profile.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("| system"))
+    names = [c.strip() for c in header.strip("|").split("|")]
+    rows = {}
+    for line in lines:
+        if line.startswith("| ") and line != header:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = dict(zip(names, cells, strict=True))
+    assert list(rows) == systems
+    for row in rows.values():
+        ms = [float(row[c]) for c in names[5:]]
+        step_ms = 1e3 / float(row["images/s"])
+        assert float(row["convolution"]) > 0 and 0.5 * step_ms < sum(ms) < 3 * step_ms, row
+    # flowers64-v2 at 32 px: a quarter of its 5.2 GFLOP per image at 64 px
+    assert float(rows["best"]["GFLOP/image"]) == pytest.approx(5.2 / 4, rel=0.05)
