@@ -142,11 +142,12 @@ def train_our_run(name, flags, args):
         eval_every=10**6,  # no probe or grid within the budget: only the training steps count
     )
     train_ours(name, [*flags, *data_flags(args), "--seed", str(args.seed), "--device", "cpu"], ns)
-    log = read_log(Path(args.out_dir) / name)
-    seconds = sum(float(row["seconds"]) for row in log)
     from lib.checkpoint import read_checkpoint
 
     state = read_checkpoint(Path(args.out_dir) / name / "last.pt")["train"]
+    # the logged epochs, and the epoch the budget ended in (its seconds are in the state only)
+    seconds = sum(float(row["seconds"]) for row in read_log(Path(args.out_dir) / name))
+    seconds += state["epoch_seconds"] if state.get("images_done") else 0.0
     return dict(
         system=name,
         flags=shlex.join(flags),
