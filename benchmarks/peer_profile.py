@@ -20,6 +20,7 @@ from lib.cli import ArgumentParser, UserError, check_at_least, run_cli
 from lib.runtime import setup, tune_for_training
 from lib.training import Training
 from lib.unet import model_config
+from sd_train import RECIPES
 
 CATEGORIES = (  # (name, fragments of aten op names); the first match wins, the rest is "other"
     ("convolution", ("conv",)),
@@ -27,15 +28,8 @@ CATEGORIES = (  # (name, fragments of aten op names); the first match wins, the 
     ("normalization", ("norm",)),
     ("optimizer, EMA", ("adam", "foreach", "lerp")),
 )
-# This project's two systems in the benchmark: (preset, batch, Training's options).
-OURS = {
-    "original": ("flowers64", 64, dict(lr=3e-4, objective=dict(loss="l1"))),
-    "best": (
-        "flowers64-v2",
-        32,
-        dict(lr=1e-3, optimizer="adamw", weight_decay=1e-4, objective=dict(loss="l2", min_snr_gamma=5.0)),
-    ),
-}
+# This project's two systems in the benchmark: (preset, batch, recipe of sd_train.py).
+OURS = {"original": ("flowers64", 64, "original"), "best": ("flowers64-v2", 32, "improved")}
 
 
 def build(name, precision, image_size, generator):
@@ -44,9 +38,12 @@ def build(name, precision, image_size, generator):
         options = dict(widths=[32, 64, 96, 128]) if name == "diffusers" else dict(dim=24)
         system = PEERS[name](total_steps=10**6, image_size=image_size, sampling_steps=20, seed=0, **options)
         return (lambda x: system.train_step(x, precision)), system.batch_size
-    preset, batch, options = OURS[name]
+    preset, batch, recipe = OURS[name]
+    r = RECIPES[recipe]
     cfg = dict(model_config(preset), image_size=image_size)
-    run = Training(cfg, torch.device("cpu"), precision, **options)
+    objective = dict(loss=r["loss"], min_snr_gamma=r["min_snr_gamma"], prediction=r["prediction"])
+    run = Training(cfg, torch.device("cpu"), precision, r["lr"], optimizer=r["optimizer"],
+                   weight_decay=r["weight_decay"], objective=objective)  # fmt: skip
     return (lambda x: run.step(x, generator, 0.995)), batch
 
 
